@@ -1,0 +1,66 @@
+"""Structured logging: one JSON object per line, one line per event.
+
+Use ``log_event(logger, "event_name", call_sid=…, stream_sid=…, context_id=…)``.
+Field values that look like secrets are never passed here; ``redact`` exists
+for the few places that echo configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+
+_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as ``{"ts","level","logger","event",...fields}``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+def configure_logging(level: str = "INFO", stream: Any = None) -> None:
+    """Install the JSON formatter on the root logger (idempotent)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_media_bridge", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    handler._media_bridge = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log one event with structured fields (``None`` values dropped)."""
+    if logger.isEnabledFor(level):
+        logger.log(level, event, extra={k: v for k, v in fields.items() if v is not None})
+
+
+def redact(secret: str | None) -> str | None:
+    """What may be logged of a secret: whether it is set, never its value."""
+    if not secret:
+        return None
+    return "***set***"
+
+
+def monotonic_ms() -> float:
+    return time.monotonic() * 1000.0
