@@ -1,0 +1,133 @@
+"""Every metric of the bridge, defined once.
+
+``BridgeMetrics`` owns its own ``CollectorRegistry`` so several bridges can
+run in one process (tests, the demo) without sharing counters. Names follow
+Prometheus conventions: ``bridge_*_seconds`` histograms, ``bridge_*_total``
+counters, gauges without suffix. Units are seconds and bytes.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+#: Buckets for sub-millisecond to multi-second latencies, in seconds.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.125,
+    0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0,
+)
+
+
+class BridgeMetrics:
+    """The bridge's metrics in a private registry (see module docstring)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+
+        # Gauges: must return to zero when calls end.
+        self.active_calls = Gauge("bridge_active_calls", "Calls with an open Twilio media stream", registry=r)
+        self.active_contexts = Gauge(
+            "bridge_cartesia_active_contexts", "Cartesia contexts open (admitted, not yet done)", registry=r
+        )
+        self.cartesia_sockets = Gauge("bridge_cartesia_sockets", "Open Cartesia WebSockets", registry=r)
+        self.playout_buffered_bytes = Gauge(
+            "bridge_playout_buffered_bytes", "mu-law bytes received from Cartesia not yet sent to Twilio", registry=r
+        )
+        self.ready = Gauge("bridge_ready", "1 when the process accepts new calls", registry=r)
+        self.admission_queue = Gauge(
+            "bridge_cartesia_admission_queue", "Utterances waiting for a Cartesia concurrency slot", registry=r
+        )
+        self.agent_connections = Gauge("bridge_agent_connections", "Open agent WebSockets", registry=r)
+
+        # Latency histograms.
+        self.tts_ttfb = Histogram(
+            "bridge_tts_ttfb_seconds", "Text sent to Cartesia -> first audio chunk received", buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.text_to_first_frame = Histogram(
+            "bridge_text_to_first_frame_seconds", "Text sent to Cartesia -> first frame sent to Twilio",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.forwarding_delay = Histogram(
+            "bridge_forwarding_delay_seconds",
+            "Cartesia chunk received -> its first frame sent to Twilio, when not held back by the lead limit",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.mark_round_trip = Histogram(
+            "bridge_mark_round_trip_seconds", "Mark sent to Twilio -> its echo (includes playout of queued audio)",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.webhook_to_start = Histogram(
+            "bridge_webhook_to_stream_start_seconds", "Voice webhook answered -> media stream start",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.barge_in_latency = Histogram(
+            "bridge_barge_in_latency_seconds", "Caller speech onset (or agent interrupt) -> Twilio clear sent",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.admission_wait = Histogram(
+            "bridge_cartesia_admission_wait_seconds", "Time an utterance waited for a Cartesia slot",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+
+        # Counters.
+        self.frames_in = Counter("bridge_twilio_frames_in", "Inbound media messages from Twilio", registry=r)
+        self.bytes_in = Counter("bridge_twilio_bytes_in", "Inbound mu-law bytes from Twilio", registry=r)
+        self.frames_out = Counter("bridge_twilio_frames_out", "20 ms frames sent to Twilio", registry=r)
+        self.bytes_out = Counter("bridge_twilio_bytes_out", "mu-law bytes sent to Twilio", registry=r)
+        self.twilio_messages_out = Counter(
+            "bridge_twilio_messages_out", "Messages sent to Twilio by event", ["event"], registry=r
+        )
+        self.cartesia_errors = Counter(
+            "bridge_cartesia_errors", "Cartesia error messages by status code", ["status"], registry=r
+        )
+        self.late_chunks_dropped = Counter(
+            "bridge_late_chunks_dropped", "Cartesia messages for cancelled or unknown contexts, dropped", registry=r
+        )
+        self.signature_failures = Counter(
+            "bridge_signature_failures", "Requests refused for a bad X-Twilio-Signature", ["endpoint"], registry=r
+        )
+        self.calls = Counter("bridge_calls", "Ended calls by outcome", ["outcome"], registry=r)
+        self.bad_input = Counter(
+            "bridge_bad_input", "Rejected input by source and kind", ["source", "kind"], registry=r
+        )
+        self.playout_overflow_bytes = Counter(
+            "bridge_playout_overflow_bytes", "Audio bytes dropped because a call's playout buffer was full", registry=r
+        )
+        self.interruptions = Counter("bridge_interruptions", "Barge-ins by source", ["source"], registry=r)
+        self.webhooks = Counter("bridge_webhooks", "Voice webhooks answered by result", ["result"], registry=r)
+        self.agent_failures = Counter(
+            "bridge_agent_failures", "Agent connection failures by reason", ["reason"], registry=r
+        )
+        self.cartesia_reconnects = Counter(
+            "bridge_cartesia_reconnects", "Cartesia sockets replaced after a failure or before idle close",
+            ["reason"], registry=r,
+        )
+        self.cartesia_handshakes = Counter("bridge_cartesia_handshakes", "Cartesia WebSocket handshakes", registry=r)
+        self.context_retries = Counter(
+            "bridge_cartesia_context_retries", "Utterances re-sent on a new context", ["reason"], registry=r
+        )
+        self.context_timeouts = Counter(
+            "bridge_cartesia_context_timeouts", "Contexts ended by deadline without done", registry=r
+        )
+        self.utterances_failed = Counter(
+            "bridge_utterances_failed", "Utterances given up (agent told)", ["reason"], registry=r
+        )
+        self.calls_refused = Counter("bridge_calls_refused", "Webhooks answered with a refusal", ["reason"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def metrics_handler(metrics: BridgeMetrics) -> web.RequestHandler:  # type: ignore[type-arg]
+    """aiohttp handler serving ``metrics`` in the Prometheus text format."""
+
+    async def handle(_request: web.Request) -> web.Response:
+        body = metrics.render()
+        resp = web.Response(body=body)
+        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        resp.charset = "utf-8"
+        return resp
+
+    return handle

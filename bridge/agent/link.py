@@ -1,0 +1,164 @@
+"""Agent connections: the seam between a call and the customer's agent.
+
+``AgentLink`` is what a call talks to. Two kinds:
+
+* ``BuiltinAgentLink`` runs an in-process agent (``bridge.agent.builtin``).
+* ``RemoteAgentLink`` is a WebSocket to ``AGENT_URL`` (optional bearer
+  token). Outbound messages wait in a FIFO of at most ``MAX_OUTBOX``
+  messages (policy when full: the oldest ``media`` message is dropped first,
+  then the link is closed as too slow and the call is told).
+
+Both deliver agent -> bridge messages through the ``deliver`` callback given
+to ``start``, always from the event loop, never re-entrantly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+
+from bridge.agent.protocol import MAX_AGENT_MESSAGE_BYTES
+from bridge.logs import log_event
+
+log = logging.getLogger("bridge.agent")
+
+MAX_OUTBOX: Final = 1000
+
+Deliver = Callable[[str | dict[str, Any]], None]
+Closed = Callable[[str], None]
+
+
+class AgentUnavailable(RuntimeError):
+    """The agent could not be reached."""
+
+
+class AgentLink:
+    """Interface: ``start`` (connect), ``send`` (non-blocking), ``close``."""
+
+    async def start(self, deliver: Deliver, closed: Closed) -> None:
+        raise NotImplementedError
+
+    def send(self, message: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+def agent_url_allowed(url: str, allowlist: tuple[str, ...]) -> bool:
+    """True when ``url`` starts with an allowlisted prefix at a path boundary."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.netloc or parts.username or parts.password:
+        return False
+    for prefix in allowlist:
+        p = urlsplit(prefix)
+        if (parts.scheme, parts.netloc.lower()) != (p.scheme, p.netloc.lower()):
+            continue
+        base = p.path.rstrip("/")
+        if parts.path == base or parts.path.startswith(base + "/") or not base:
+            return True
+    return False
+
+
+class RemoteAgentLink(AgentLink):
+    """A WebSocket to the customer's agent."""
+
+    def __init__(self, url: str, token: str | None, session: aiohttp.ClientSession, connect_timeout_s: float) -> None:
+        self.url = url
+        self._token = token
+        self._session = session
+        self._timeout = connect_timeout_s
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._outbox: deque[dict[str, Any]] = deque()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    async def start(self, deliver: Deliver, closed: Closed) -> None:
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        try:
+            self._ws = await asyncio.wait_for(
+                self._session.ws_connect(
+                    self.url,
+                    headers=headers,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
+                    max_msg_size=MAX_AGENT_MESSAGE_BYTES * 4,
+                    heartbeat=30.0,
+                ),
+                self._timeout,
+            )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise AgentUnavailable(f"{type(exc).__name__}: {exc}") from None
+        self._tasks = [
+            asyncio.create_task(self._read(deliver, closed), name="agent-read"),
+            asyncio.create_task(self._write(closed), name="agent-write"),
+        ]
+
+    async def _read(self, deliver: Deliver, closed: Closed) -> None:
+        assert self._ws is not None
+        reason = "agent closed the connection"
+        try:
+            async for msg in self._ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    deliver(msg.data)
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    deliver({"type": "__binary__"})
+                elif msg.type == aiohttp.WSMsgType.ERROR:
+                    reason = f"agent socket error: {self._ws.exception()}"
+                    break
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            reason = f"agent socket error: {exc}"
+        if not self._closed:
+            closed(reason)
+
+    async def _write(self, closed: Closed) -> None:
+        assert self._ws is not None
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._outbox:
+                    await self._ws.send_str(orjson.dumps(self._outbox.popleft()).decode())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if not self._closed:
+                closed(f"agent send failed: {exc}")
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self._closed:
+            return
+        if len(self._outbox) >= MAX_OUTBOX:
+            for i, queued in enumerate(self._outbox):
+                if queued.get("type") == "media":
+                    del self._outbox[i]
+                    break
+            else:
+                log_event(log, "agent_outbox_full", logging.WARNING, url=self.url, limit=MAX_OUTBOX)
+                return
+        self._outbox.append(message)
+        self._wake.set()
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        if self._ws is not None:
+            try:
+                await asyncio.wait_for(self._ws.close(), 2.0)
+            except Exception:  # noqa: BLE001
+                pass

@@ -1,0 +1,562 @@
+"""One call's state machine: Twilio, agent and Cartesia events in, actions out. No I/O.
+
+``CallCore`` is fed events by the I/O layer (``bridge.session``) with the
+current monotonic time and returns the actions to carry out, in order:
+``ToTwilio`` (a text frame), ``ToCartesia`` / ``CancelCartesia`` (per
+utterance; one Cartesia context per utterance), ``ToAgent`` and ``EndCall``.
+
+Barge-in is one ordered step (``interrupt``): Twilio ``clear`` → Cartesia
+``cancel`` for every unfinished utterance → those utterances are tombstoned
+here (late chunks dropped and counted) → the words the caller heard, from the
+*played* cursor intersected with Cartesia's word timestamps → ``interrupt`` to
+the agent.
+
+Agent text is sent to Cartesia at word boundaries (a trailing partial word
+waits for the next token or ``last``), so a word is never split across
+generations; the concatenation of what is sent equals the tokens verbatim.
+Tokens that arrive for an interrupted turn are dropped until that turn's
+``last: true``.
+"""
+
+from __future__ import annotations
+
+import audioop
+import base64
+import binascii
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from bridge.agent import protocol as agent_proto
+from bridge.cartesia.protocol import (
+    Chunk,
+    Done,
+    ErrorMessage,
+    FlushDone,
+    GenerationRequest,
+    ServerMessage,
+    WordTimestamps,
+)
+from bridge.logs import log_event
+from bridge.playout import Playout, SendMark
+from metrics import BridgeMetrics
+from telephony.media import FRAME_MS, OutboundEncoder, Start
+
+log = logging.getLogger("bridge.call")
+
+
+@dataclass(frozen=True, slots=True)
+class ToTwilio:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToCartesia:
+    utterance_id: str
+    request: GenerationRequest
+
+
+@dataclass(frozen=True, slots=True)
+class CancelCartesia:
+    utterance_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToAgent:
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class EndCall:
+    reason: str
+    handoff_data: Any = None
+
+
+Action = Union[ToTwilio, ToCartesia, CancelCartesia, ToAgent, EndCall]
+
+
+@dataclass(frozen=True, slots=True)
+class CallSettings:
+    """Per-call settings (from ``Config``); units in the names."""
+
+    model_id: str
+    voice_id: str
+    language: str
+    lead_ms: int = 300
+    mark_interval_ms: int = 100
+    max_buffer_ms: int = 60_000
+    max_buffer_delay_ms: int | None = 0
+    vad_enabled: bool = True
+    vad_threshold_rms: int = 1200
+    vad_min_speech_ms: int = 120
+    vad_hangover_ms: int = 200
+
+
+@dataclass(slots=True)
+class Utterance:
+    """One agent turn = one Cartesia context."""
+
+    utterance_id: str
+    interruptible: bool
+    voice_id: str
+    language: str
+    generation_config: dict[str, Any] | None
+    text_sent: str = ""
+    text_held: str = ""  # trailing partial word not yet sent
+    closed: bool = False  # continue:false sent
+    done: bool = False  # Cartesia done / error / lost
+    cancelled: bool = False
+    words: list[tuple[str, float, float]] = field(default_factory=list)
+    t_text: float | None = None
+    t_first_chunk: float | None = None
+    t_first_frame: float | None = None
+    audio_bytes: int = 0
+
+
+class EnergyVad:
+    """Caller-speech detector on inbound mu-law (RMS of 16-bit PCM per frame).
+
+    Speech is declared after ``min_speech_ms`` of frames above the threshold
+    within one run; a run ends after ``hangover_ms`` below it. ``update``
+    returns the onset time (seconds) when speech is declared, else ``None``.
+    """
+
+    __slots__ = ("threshold", "min_speech_ms", "hangover_ms", "_speech_ms", "_silence_ms", "_onset", "_fired")
+
+    def __init__(self, threshold: int, min_speech_ms: int, hangover_ms: int) -> None:
+        self.threshold = threshold
+        self.min_speech_ms = min_speech_ms
+        self.hangover_ms = hangover_ms
+        self._speech_ms = 0
+        self._silence_ms = 0
+        self._onset: float | None = None
+        self._fired = False
+
+    def update(self, mulaw: bytes, now: float) -> float | None:
+        duration_ms = len(mulaw) // 8
+        rms = audioop.rms(audioop.ulaw2lin(mulaw, 2), 2)
+        if rms >= self.threshold:
+            if self._onset is None:
+                self._onset = now
+            self._speech_ms += duration_ms
+            self._silence_ms = 0
+            if not self._fired and self._speech_ms >= self.min_speech_ms:
+                self._fired = True
+                return self._onset
+        elif self._onset is not None:
+            self._silence_ms += duration_ms
+            if self._silence_ms >= self.hangover_ms:
+                self.reset()
+        return None
+
+    def reset(self) -> None:
+        self._speech_ms = 0
+        self._silence_ms = 0
+        self._onset = None
+        self._fired = False
+
+
+def heard_words(words: list[tuple[str, float, float]], played_ms: int) -> str:
+    """The words whose end time is at or before ``played_ms``, space-joined."""
+    limit = played_ms / 1000.0 + 1e-9
+    return " ".join(w for w, _start, end in words if end <= limit)
+
+
+class CallCore:
+    """Sans-I/O state of one call (see module docstring)."""
+
+    def __init__(
+        self,
+        settings: CallSettings,
+        metrics: BridgeMetrics,
+        *,
+        call_info: dict[str, str] | None = None,
+        new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.call_info = dict(call_info or {})
+        self._new_id = new_id
+        self.playout = Playout(
+            lead_ms=settings.lead_ms,
+            mark_interval_ms=settings.mark_interval_ms,
+            max_buffer_ms=settings.max_buffer_ms,
+        )
+        self.stream_sid: str | None = None
+        self.call_sid: str | None = None
+        self.encoder: OutboundEncoder | None = None
+        self.utterances: dict[str, Utterance] = {}
+        self.current: Utterance | None = None  # open for more agent tokens
+        self.dropping_turn = False  # agent tokens of an interrupted turn
+        self.voice_id = settings.voice_id
+        self.language = settings.language
+        self.generation_config: dict[str, Any] | None = None
+        self.media_to_agent = False
+        self.vad = (
+            EnergyVad(settings.vad_threshold_rms, settings.vad_min_speech_ms, settings.vad_hangover_ms)
+            if settings.vad_enabled
+            else None
+        )
+        self.ended = False
+        self.frames_sent = 0
+        self.late_chunks = 0
+
+    # ------------------------------------------------------------- helpers
+
+    def _log(self, event: str, level: int = logging.INFO, **fields: Any) -> None:
+        log_event(log, event, level, call_sid=self.call_sid, stream_sid=self.stream_sid, **fields)
+
+    def _request(self, utt: Utterance, transcript: str, *, cont: bool, flush: bool = False) -> GenerationRequest:
+        return GenerationRequest(
+            context_id=utt.utterance_id,
+            transcript=transcript,
+            model_id=self.settings.model_id,
+            voice_id=utt.voice_id,
+            continue_=cont,
+            flush=flush,
+            language=utt.language,
+            add_timestamps=True,
+            max_buffer_delay_ms=self.settings.max_buffer_delay_ms,
+            generation_config=utt.generation_config,
+        )
+
+    def _pump(self, now: float, out: list[Action]) -> None:
+        encoder = self.encoder
+        if encoder is None:
+            return
+        items = self.playout.take(now)
+        if not items:
+            return
+        frames = 0
+        for item in items:
+            if isinstance(item, SendMark):
+                out.append(ToTwilio(encoder.mark(item.name)))
+            else:
+                out.append(ToTwilio(encoder.media(item)))
+                frames += len(item) // 160
+                self.metrics.bytes_out.inc(len(item))
+        if frames:
+            self.frames_sent += frames
+            self.metrics.frames_out.inc(frames)
+            delay = self.playout.take_forward_delay(now)
+            if delay is not None:
+                self.metrics.forwarding_delay.observe(delay)
+            for utt in self.utterances.values():
+                if utt.t_first_frame is None and utt.t_text is not None and utt.audio_bytes:
+                    head = self.playout.utterance(utt.utterance_id)
+                    if head is None or head.start_pos is not None:
+                        utt.t_first_frame = now
+                        self.metrics.text_to_first_frame.observe(now - utt.t_text)
+
+    # ------------------------------------------------------------- Twilio in
+
+    def on_start(self, start: Start, now: float) -> list[Action]:
+        self.stream_sid = start.stream_sid
+        self.call_sid = start.call_sid
+        self.encoder = OutboundEncoder(start.stream_sid)
+        params = start.custom_parameters
+        self._log("stream_started", account_sid=start.account_sid, tracks=start.tracks)
+        return [
+            ToAgent(
+                agent_proto.setup_message(
+                    session_id=self.call_info.get("session_id", start.stream_sid),
+                    call_sid=start.call_sid,
+                    stream_sid=start.stream_sid,
+                    account_sid=start.account_sid,
+                    from_=params.get("from", self.call_info.get("from", "")),
+                    to=params.get("to", self.call_info.get("to", "")),
+                    direction=params.get("direction", self.call_info.get("direction", "inbound")),
+                    custom_parameters=params,
+                )
+            )
+        ]
+
+    def on_media(self, payload: bytes, timestamp_ms: int, now: float) -> list[Action]:
+        out: list[Action] = []
+        if self.media_to_agent:
+            out.append(ToAgent(agent_proto.media_message(base64.b64encode(payload).decode(), timestamp_ms)))
+        vad = self.vad
+        if vad is not None and payload:
+            if self.is_speaking:
+                onset = vad.update(payload, now)
+                if onset is not None:
+                    out.extend(self.interrupt("vad", now, onset=onset))
+            else:
+                vad.reset()
+        return out
+
+    def on_mark(self, name: str, now: float) -> list[Action]:
+        result = self.playout.on_mark(name, now)
+        out: list[Action] = []
+        if result.status == "played":
+            if result.round_trip_s is not None:
+                self.metrics.mark_round_trip.observe(result.round_trip_s)
+            for utterance_id, duration_ms in result.completed_utterances:
+                utt = self.utterances.pop(utterance_id, None)
+                if utt is not None:
+                    self._log("utterance_played", context_id=utterance_id, duration_ms=duration_ms)
+                    out.append(ToAgent(agent_proto.spoken_message(utt.text_sent, duration_ms, utterance_id)))
+        elif result.status == "unknown":
+            self.metrics.bad_input.labels(source="twilio", kind="unknown_mark").inc()
+            self._log("unknown_mark", logging.WARNING, mark=name)
+        self._pump(now, out)
+        return out
+
+    def on_dtmf(self, digit: str) -> list[Action]:
+        return [ToAgent(agent_proto.dtmf_message(digit))]
+
+    # -------------------------------------------------------------- agent in
+
+    def on_agent_message(self, raw: str | bytes | dict[str, Any], now: float) -> list[Action]:
+        try:
+            msg = agent_proto.parse_agent_message(raw)
+        except agent_proto.AgentMessageError as exc:
+            self.metrics.bad_input.labels(source="agent", kind="invalid_message").inc()
+            self._log("agent_bad_message", logging.WARNING, error=str(exc))
+            return [ToAgent(agent_proto.error_message(str(exc)))]
+        if isinstance(msg, agent_proto.Text):
+            return self.speak(msg.token, last=msg.last, now=now, interruptible=msg.interruptible,
+                              overrides=msg.overrides)
+        if isinstance(msg, agent_proto.Interrupt):
+            return self.interrupt("agent", now)
+        if isinstance(msg, agent_proto.End):
+            self._log("agent_end", handoff=msg.handoff_data is not None)
+            return [EndCall("agent_end", msg.handoff_data)]
+        ov = msg.overrides
+        if ov.voice is not None:
+            self.voice_id = ov.voice
+        if ov.language is not None:
+            self.language = ov.language
+        if ov.speed is not None or ov.emotion is not None:
+            config = dict(self.generation_config or {})
+            if ov.speed is not None:
+                config["speed"] = ov.speed
+            if ov.emotion is not None:
+                config["emotion"] = ov.emotion
+            self.generation_config = config
+        if msg.media is not None:
+            self.media_to_agent = msg.media
+        if msg.vad is not None:
+            self.vad = (
+                EnergyVad(self.settings.vad_threshold_rms, self.settings.vad_min_speech_ms,
+                          self.settings.vad_hangover_ms) if msg.vad else None
+            )
+        return []
+
+    def speak(
+        self,
+        token: str,
+        *,
+        last: bool,
+        now: float,
+        interruptible: bool | None = None,
+        overrides: agent_proto.VoiceOverrides | None = None,
+    ) -> list[Action]:
+        """Stream agent text into the current utterance's Cartesia context."""
+        if self.ended:
+            return []
+        if self.dropping_turn:
+            if last:
+                self.dropping_turn = False
+            return []
+        out: list[Action] = []
+        utt = self.current
+        if utt is None:
+            ov = overrides or agent_proto.VoiceOverrides()
+            config = dict(self.generation_config or {})
+            if ov.speed is not None:
+                config["speed"] = ov.speed
+            if ov.emotion is not None:
+                config["emotion"] = ov.emotion
+            utt = Utterance(
+                utterance_id=self._new_id(),
+                interruptible=True if interruptible is None else interruptible,
+                voice_id=ov.voice or self.voice_id,
+                language=ov.language or self.language,
+                generation_config=config or None,
+            )
+            self.utterances[utt.utterance_id] = utt
+            self.playout.open(utt.utterance_id)
+            self.current = utt
+        text = utt.text_held + token
+        if last:
+            send, held = text, ""
+        else:
+            cut = max(text.rfind(" "), text.rfind("\n"), text.rfind("\t"))
+            send, held = (text[: cut + 1], text[cut + 1 :]) if cut >= 0 else ("", text)
+        utt.text_held = held
+        if send:
+            if utt.t_text is None:
+                utt.t_text = now
+            utt.text_sent += send
+            out.append(ToCartesia(utt.utterance_id, self._request(utt, send, cont=True)))
+        if last:
+            if utt.t_text is None:
+                utt.t_text = now
+            out.append(ToCartesia(utt.utterance_id, self._request(utt, "", cont=False)))
+            utt.closed = True
+            self.current = None
+        return out
+
+    def flush(self, now: float) -> list[Action]:
+        """Force generation of text buffered on the current context."""
+        utt = self.current
+        if utt is None:
+            return []
+        return [ToCartesia(utt.utterance_id, self._request(utt, "", cont=True, flush=True))]
+
+    # ------------------------------------------------------------ Cartesia in
+
+    def on_cartesia(self, utterance_id: str, msg: ServerMessage, now: float) -> list[Action]:
+        utt = self.utterances.get(utterance_id)
+        if utt is None or utt.cancelled:
+            if isinstance(msg, Chunk):
+                self.late_chunks += 1
+                self.metrics.late_chunks_dropped.inc()
+            return []
+        out: list[Action] = []
+        if isinstance(msg, Chunk):
+            try:
+                audio = binascii.a2b_base64(msg.data)
+            except (binascii.Error, ValueError):
+                self.metrics.bad_input.labels(source="cartesia", kind="invalid_base64").inc()
+                self._log("cartesia_bad_chunk", logging.WARNING, context_id=utterance_id)
+                return out
+            if utt.t_first_chunk is None:
+                utt.t_first_chunk = now
+                if utt.t_text is not None:
+                    self.metrics.tts_ttfb.observe(now - utt.t_text)
+            if not self.playout.push(utterance_id, audio, now):
+                self.metrics.playout_overflow_bytes.inc(len(audio))
+                self._log("playout_overflow", logging.WARNING, context_id=utterance_id, dropped_bytes=len(audio),
+                          limit_ms=self.settings.max_buffer_ms)
+                out.extend(self._truncate(utt, now))
+                return out
+            utt.audio_bytes += len(audio)
+            self._pump(now, out)
+        elif isinstance(msg, WordTimestamps):
+            count = min(len(msg.words), len(msg.start), len(msg.end))
+            utt.words.extend(zip(msg.words[:count], msg.start[:count], msg.end[:count], strict=True))
+        elif isinstance(msg, Done):
+            utt.done = True
+            self.playout.finish(utterance_id)
+            self._forget_if_silent(utt)
+            self._pump(now, out)
+        elif isinstance(msg, ErrorMessage):
+            utt.done = True
+            self._log("cartesia_error", logging.WARNING, context_id=utterance_id, status=msg.status_code,
+                      error_code=msg.error_code, message=msg.message)
+            self.playout.finish(utterance_id)
+            self._forget_if_silent(utt)
+            if self.current is utt:
+                self.current = None
+                self.dropping_turn = not utt.closed
+            out.append(ToAgent(agent_proto.error_message(
+                f"speech failed for utterance {utterance_id}: {msg.status_code} {msg.description}")))
+            self._pump(now, out)
+        elif isinstance(msg, FlushDone):
+            pass
+        return out
+
+    def on_context_lost(self, utterance_id: str, reason: str, now: float) -> list[Action]:
+        """The Cartesia socket carrying this utterance died (or timed out)."""
+        utt = self.utterances.get(utterance_id)
+        if utt is None or utt.cancelled or utt.done:
+            return []
+        utt.done = True
+        self.playout.finish(utterance_id)
+        self._forget_if_silent(utt)
+        if self.current is utt:
+            self.current = None
+            self.dropping_turn = not utt.closed
+        self._log("utterance_lost", logging.WARNING, context_id=utterance_id, reason=reason)
+        out: list[Action] = [ToAgent(agent_proto.error_message(
+            f"speech interrupted for utterance {utterance_id}: {reason}"))]
+        self._pump(now, out)
+        return out
+
+    def _forget_if_silent(self, utt: Utterance) -> None:
+        # An utterance with no audio never gets an end mark; drop it now.
+        if utt.audio_bytes == 0:
+            self.utterances.pop(utt.utterance_id, None)
+
+    def _truncate(self, utt: Utterance, now: float) -> list[Action]:
+        out: list[Action] = []
+        if not utt.done:
+            utt.done = True
+            utt.cancelled = True
+            out.append(CancelCartesia(utt.utterance_id))
+        self.playout.finish(utt.utterance_id)
+        if self.current is utt:
+            self.current = None
+            self.dropping_turn = not utt.closed
+        self._pump(now, out)
+        return out
+
+    # ------------------------------------------------------------- barge-in
+
+    @property
+    def is_speaking(self) -> bool:
+        """Audio queued or playing at the caller."""
+        return not self.playout.is_idle
+
+    def interrupt(self, source: str, now: float, *, onset: float | None = None) -> list[Action]:
+        """Barge-in, in order: clear → cancel → tombstone → words heard → agent."""
+        encoder = self.encoder
+        playing = self.playout.playing_utterance()
+        target = self.utterances.get(playing.utterance_id) if playing is not None else None
+        if source == "vad" and target is not None and not target.interruptible:
+            return []
+        if encoder is None or not self.is_speaking and self.current is None:
+            return []
+        out: list[Action] = [ToTwilio(encoder.clear())]
+        self.metrics.twilio_messages_out.labels(event="clear").inc()
+        cleared = self.playout.clear()
+        for utt in self.utterances.values():
+            if not utt.done:
+                out.append(CancelCartesia(utt.utterance_id))
+            utt.cancelled = True
+            utt.done = True
+        if self.current is not None and not self.current.closed:
+            self.dropping_turn = True
+        self.current = None
+        played = dict(cleared.cut_utterances)
+        heard = ""
+        duration_ms = 0
+        target_id: str | None = None
+        if target is not None:
+            target_id = target.utterance_id
+            duration_ms = played.get(target.utterance_id, 0)
+            heard = heard_words(target.words, duration_ms)
+        self.utterances.clear()
+        self.metrics.interruptions.labels(source=source).inc()
+        self.metrics.barge_in_latency.observe(max(0.0, now - (onset if onset is not None else now)))
+        if self.vad is not None:
+            self.vad.reset()
+        self._log("barge_in", source=source, context_id=target_id, heard_ms=duration_ms,
+                  dropped_bytes=cleared.dropped_bytes)
+        out.append(ToAgent(agent_proto.interrupt_message(heard, duration_ms, target_id)))
+        return out
+
+    # ------------------------------------------------------------------ end
+
+    def on_end(self) -> list[Action]:
+        """The call is over: cancel every unfinished context."""
+        if self.ended:
+            return []
+        self.ended = True
+        out: list[Action] = []
+        for utt in self.utterances.values():
+            if not utt.done:
+                out.append(CancelCartesia(utt.utterance_id))
+                utt.cancelled = True
+                utt.done = True
+        self.utterances.clear()
+        self.current = None
+        return out
+
+    @property
+    def frame_ms(self) -> int:
+        return FRAME_MS

@@ -1,0 +1,441 @@
+"""Cartesia TTS WebSocket client: one pool of sockets shared by every call.
+
+* ``CartesiaPool`` keeps ``size`` sockets open (prewarmed at start and again
+  when a voice webhook arrives), multiplexes the contexts of all calls on
+  them and routes every server message by ``context_id`` to its owner.
+* Admission control: at most ``max_concurrency`` contexts are active at once
+  (Cartesia counts concurrency per active context). A new context beyond that
+  waits in a FIFO of at most ``max_waiters`` (policy when full: refused at
+  once with ``AdmissionError``) until a slot frees or its deadline passes.
+* Cancelled contexts are tombstoned per socket (at most ``TOMBSTONES`` ids,
+  oldest forgotten first) so late chunks are dropped and counted, never
+  routed to a newer utterance.
+* Each socket has one reader task (reads at full speed: a slow call never
+  stalls the socket, its own playout buffer absorbs the audio) and one writer
+  task draining an outbound FIFO of at most ``MAX_PENDING_SENDS`` messages
+  (policy when full: the context's send fails with ``ContextError``).
+* A socket that dies is reconnected with exponential backoff and jitter; its
+  live contexts are reported to their owners via ``on_context_lost`` so they
+  can re-send what was not yet heard. A socket idle for ``max_age_s`` is
+  replaced before Cartesia's 5-minute idle close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import OrderedDict, deque
+from typing import Any, Final, Protocol
+from urllib.parse import urlencode
+
+import orjson
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from bridge.cartesia.protocol import (
+    CancelRequest,
+    Chunk,
+    Done,
+    ErrorMessage,
+    GenerationRequest,
+    ServerMessage,
+    parse_server_message,
+)
+from bridge.logs import log_event
+from metrics import BridgeMetrics
+
+log = logging.getLogger("bridge.cartesia")
+
+TOMBSTONES: Final = 4096
+MAX_PENDING_SENDS: Final = 10_000
+#: Largest server message accepted (bytes); chunks are a few KiB.
+MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
+
+
+class ContextListener(Protocol):
+    """What the owner of a context (a call) receives."""
+
+    def on_cartesia_message(self, msg: ServerMessage, received_at: float) -> None: ...
+
+    def on_context_lost(self, context_id: str, reason: str) -> None: ...
+
+
+class AdmissionError(RuntimeError):
+    """No concurrency slot within the deadline, or the wait queue is full."""
+
+
+class ContextError(RuntimeError):
+    """A context could not be used (socket gone, send queue full)."""
+
+
+class _Socket:
+    """One Cartesia WebSocket with its reader and writer tasks."""
+
+    def __init__(self, pool: CartesiaPool, slot: int) -> None:
+        self.pool = pool
+        self.slot = slot
+        self.ws: ClientConnection | None = None
+        self.contexts: dict[str, ContextListener] = {}
+        self.tombstones: OrderedDict[str, None] = OrderedDict()
+        self.outbox: deque[str] = deque()
+        self.outbox_event = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.last_activity = time.monotonic()
+        self.supervisor: asyncio.Task[None] | None = None
+        self.closing = False
+
+    @property
+    def open(self) -> bool:
+        return self.ws is not None and self.ready.is_set()
+
+    def send(self, message: dict[str, Any]) -> None:
+        if len(self.outbox) >= MAX_PENDING_SENDS:
+            raise ContextError("Cartesia send queue full")
+        self.outbox.append(orjson.dumps(message).decode())
+        self.outbox_event.set()
+        self.last_activity = time.monotonic()
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect with backoff until the pool closes."""
+        attempt = 0
+        while not self.closing:
+            try:
+                self.ws = await self.pool._connect()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure means "retry later"
+                attempt += 1
+                delay = min(self.pool.backoff_max_s, self.pool.backoff_base_s * 2 ** (attempt - 1))
+                delay *= 0.5 + random.random() / 2
+                log_event(log, "cartesia_connect_failed", logging.WARNING, slot=self.slot, error=str(exc),
+                          retry_in_s=round(delay, 3))
+                await asyncio.sleep(delay)
+                continue
+            attempt = 0
+            self.pool.metrics.cartesia_handshakes.inc()
+            self.pool.metrics.cartesia_sockets.inc()
+            self.last_activity = time.monotonic()
+            self.ready.set()
+            reason = "closed"
+            writer = asyncio.create_task(self._write_loop(self.ws))
+            try:
+                reason = await self._read_loop(self.ws)
+            finally:
+                writer.cancel()
+                self.ready.clear()
+                self.pool.metrics.cartesia_sockets.dec()
+                ws, self.ws = self.ws, None
+                await _quiet_close(ws)
+                self.outbox.clear()
+                lost = list(self.contexts.items())
+                self.contexts.clear()
+                for context_id, listener in lost:
+                    try:
+                        listener.on_context_lost(context_id, reason)
+                    except Exception:  # noqa: BLE001 - one owner's bug must not stop the others
+                        log.exception("context_lost handler failed")
+                    self.pool._release_slot(context_id)
+            if not self.closing:
+                self.pool.metrics.cartesia_reconnects.labels(reason=reason).inc()
+                log_event(log, "cartesia_socket_replaced", logging.WARNING if lost else logging.INFO,
+                          slot=self.slot, reason=reason, contexts_lost=len(lost))
+
+    async def _write_loop(self, ws: ClientConnection) -> None:
+        try:
+            while True:
+                await self.outbox_event.wait()
+                self.outbox_event.clear()
+                while self.outbox:
+                    await ws.send(self.outbox.popleft())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log_event(log, "cartesia_write_failed", logging.WARNING, slot=self.slot, error=str(exc))
+            await _quiet_close(ws)
+
+    async def _read_loop(self, ws: ClientConnection) -> str:
+        pool = self.pool
+        max_age = pool.max_age_s
+        try:
+            while True:
+                try:
+                    timeout = None if self.contexts else max(0.1, max_age - (time.monotonic() - self.last_activity))
+                    raw = await asyncio.wait_for(ws.recv(), timeout)
+                except TimeoutError:
+                    if not self.contexts and time.monotonic() - self.last_activity >= max_age:
+                        return "max_age"
+                    continue
+                now = time.monotonic()
+                self.last_activity = now
+                try:
+                    msg = parse_server_message(orjson.loads(raw))
+                except ValueError as exc:
+                    pool.metrics.bad_input.labels(source="cartesia", kind="malformed").inc()
+                    log_event(log, "cartesia_bad_message", logging.WARNING, slot=self.slot, error=str(exc))
+                    continue
+                self._route(msg, now)
+        except websockets.ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.reason:
+                return "idle_timeout" if "idle" in exc.rcvd.reason else "closed"
+            return "connection_lost"
+        except (OSError, asyncio.IncompleteReadError):
+            return "connection_lost"
+
+    def _route(self, msg: ServerMessage, now: float) -> None:
+        context_id = msg.context_id
+        listener = self.contexts.get(context_id) if context_id else None
+        if listener is None:
+            if isinstance(msg, Chunk):
+                self.pool.metrics.late_chunks_dropped.inc()
+            if context_id and isinstance(msg, (Done, ErrorMessage)):
+                self.tombstones.pop(context_id, None)
+            if isinstance(msg, ErrorMessage) and not context_id:
+                self.pool.metrics.cartesia_errors.labels(status=str(msg.status_code)).inc()
+                log_event(log, "cartesia_socket_error", logging.WARNING, slot=self.slot,
+                          status=msg.status_code, message=msg.message)
+            return
+        if isinstance(msg, (Done, ErrorMessage)):
+            del self.contexts[context_id]
+            self.pool._release_slot(context_id)
+            if isinstance(msg, ErrorMessage):
+                self.pool.metrics.cartesia_errors.labels(status=str(msg.status_code)).inc()
+        listener.on_cartesia_message(msg, now)
+
+    def tombstone(self, context_id: str) -> None:
+        self.contexts.pop(context_id, None)
+        self.tombstones[context_id] = None
+        while len(self.tombstones) > TOMBSTONES:
+            self.tombstones.popitem(last=False)
+
+
+async def _quiet_close(ws: ClientConnection | None) -> None:
+    if ws is None:
+        return
+    try:
+        await asyncio.wait_for(ws.close(), 2.0)
+    except Exception:  # noqa: BLE001 - closing a broken socket may fail in many ways
+        pass
+
+
+class ContextLease:
+    """One admitted Cartesia context on one socket. Not reusable after release."""
+
+    __slots__ = ("context_id", "_socket", "_pool", "released")
+
+    def __init__(self, pool: CartesiaPool, sock: _Socket, context_id: str) -> None:
+        self._pool = pool
+        self._socket = sock
+        self.context_id = context_id
+        self.released = False
+
+    def send(self, request: GenerationRequest) -> None:
+        """Queue one input for this context (non-blocking)."""
+        if self.released:
+            raise ContextError(f"context {self.context_id} is closed")
+        if not self._socket.open:
+            raise ContextError("Cartesia socket is not connected")
+        self._socket.send(request.to_wire())
+
+    def cancel(self) -> None:
+        """Send ``cancel``, tombstone the id (late chunks dropped), free the slot."""
+        if self.released:
+            return
+        self.released = True
+        sock = self._socket
+        if sock.contexts.pop(self.context_id, None) is not None:
+            self._pool._release_slot(self.context_id)
+        sock.tombstone(self.context_id)
+        if sock.open:
+            try:
+                sock.send(CancelRequest(self.context_id).to_wire())
+            except ContextError:
+                pass
+
+    def abandon(self) -> None:
+        """Forget the context without telling Cartesia (it already ended)."""
+        if self.released:
+            return
+        self.released = True
+        if self._socket.contexts.pop(self.context_id, None) is not None:
+            self._pool._release_slot(self.context_id)
+
+    @property
+    def active(self) -> bool:
+        return not self.released and self.context_id in self._socket.contexts
+
+
+class CartesiaPool:
+    """Shared Cartesia sockets; see the module docstring for limits and policies."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        api_key: str | None,
+        version: str,
+        metrics: BridgeMetrics,
+        size: int = 2,
+        max_concurrency: int = 64,
+        max_waiters: int = 1000,
+        max_age_s: float = 240.0,
+        connect_timeout_s: float = 5.0,
+        backoff_base_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._api_key = api_key
+        self.version = version
+        self.metrics = metrics
+        self.size = size
+        self.max_concurrency = max_concurrency
+        self.max_waiters = max_waiters
+        self.max_age_s = max_age_s
+        self.connect_timeout_s = connect_timeout_s
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self._sockets = [_Socket(self, i) for i in range(size)]
+        self._active: set[str] = set()
+        # Slots handed to a woken waiter that has not yet taken them.
+        self._reserved = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._started = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def _connect(self) -> ClientConnection:
+        headers = {"Cartesia-Version": self.version, "User-Agent": "media-bridge/0.1"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        url = f"{self.url}/tts/websocket?{urlencode({'cartesia_version': self.version})}"
+        return await connect(
+            url,
+            additional_headers=headers,
+            open_timeout=self.connect_timeout_s,
+            max_size=MAX_MESSAGE_BYTES,
+            compression=None,
+            ping_interval=20,
+            ping_timeout=20,
+            max_queue=256,
+        )
+
+    def start(self) -> None:
+        """Start every socket's supervisor (connects in the background)."""
+        if self._started:
+            return
+        self._started = True
+        for sock in self._sockets:
+            sock.supervisor = asyncio.create_task(sock.run(), name=f"cartesia-socket-{sock.slot}")
+
+    async def prewarm(self, timeout_s: float = 5.0) -> bool:
+        """Make sure every socket is connected; True when all are."""
+        self.start()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(s.ready.wait() for s in self._sockets)), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+
+    @property
+    def healthy(self) -> bool:
+        return any(s.open for s in self._sockets)
+
+    async def close(self) -> None:
+        for sock in self._sockets:
+            sock.closing = True
+            if sock.supervisor is not None:
+                sock.supervisor.cancel()
+        for sock in self._sockets:
+            if sock.supervisor is not None:
+                try:
+                    await sock.supervisor
+                except asyncio.CancelledError:
+                    pass
+            if sock.ws is not None:
+                await _quiet_close(sock.ws)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(AdmissionError("pool closed"))
+        self._waiters.clear()
+
+    # ------------------------------------------------------------ admission
+
+    @property
+    def active_contexts(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _release_slot(self, context_id: str) -> None:
+        if context_id in self._active:
+            self._active.discard(context_id)
+            self.metrics.active_contexts.dec()
+            self._wake_waiter()
+
+    def _wake_waiter(self) -> None:
+        while self._waiters and len(self._active) + self._reserved < self.max_concurrency:
+            waiter = self._waiters.popleft()
+            self.metrics.admission_queue.dec()
+            if not waiter.done():
+                self._reserved += 1
+                waiter.set_result(None)
+                return
+
+    def _unreserve(self) -> None:
+        self._reserved -= 1
+        self._wake_waiter()
+
+    def _pick_socket(self) -> _Socket | None:
+        candidates = [s for s in self._sockets if s.open]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda s: len(s.contexts))
+
+    async def open_context(self, context_id: str, listener: ContextListener, deadline_s: float) -> ContextLease:
+        """Admit a new context (waiting at most ``deadline_s``) on the least
+        loaded open socket. Raises ``AdmissionError``."""
+        self.start()
+        started = time.monotonic()
+        reserved = False
+        if len(self._active) + self._reserved >= self.max_concurrency or self._waiters:
+            if len(self._waiters) >= self.max_waiters:
+                raise AdmissionError("admission queue full")
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            self.metrics.admission_queue.inc()
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), deadline_s)
+            except TimeoutError:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                    self.metrics.admission_queue.dec()
+                elif waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._unreserve()  # we were woken just as we gave up: pass the slot on
+                raise AdmissionError(f"no Cartesia slot within {deadline_s:.1f} s") from None
+            except asyncio.CancelledError:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                    self.metrics.admission_queue.dec()
+                elif waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._unreserve()
+                raise
+            reserved = True
+            self.metrics.admission_wait.observe(time.monotonic() - started)
+        sock = self._pick_socket()
+        if sock is None:
+            remaining = max(0.0, deadline_s - (time.monotonic() - started))
+            await self.prewarm(remaining)
+            sock = self._pick_socket()
+            if sock is None:
+                if reserved:
+                    self._unreserve()
+                raise AdmissionError("no Cartesia socket connected")
+        if reserved:
+            self._reserved -= 1
+        self._active.add(context_id)
+        self.metrics.active_contexts.inc()
+        sock.contexts[context_id] = listener
+        return ContextLease(self, sock, context_id)

@@ -1,0 +1,322 @@
+"""Playout with backpressure for one call: 20 ms framing, marks, two cursors.
+
+No I/O. The call feeds it Cartesia audio (``push``), Twilio mark echoes
+(``on_mark``) and asks what to send next (``take``).
+
+Timeline. Positions are byte offsets of 8 kHz mu-law on the call's outbound
+timeline (8 bytes = 1 ms, 160 bytes = one 20 ms frame):
+
+* *sent* cursor: bytes handed to Twilio;
+* *played* cursor: bytes Twilio has confirmed playing, advanced only by the
+  echo of a mark we placed after that audio.
+
+Frames are released only while ``sent - played <= lead`` (``lead_ms``,
+default 300 ms), so Twilio's buffer holds at most ``lead`` of our audio and a
+barge-in ``clear`` throws away at most that much. Cartesia is read at full
+speed; what cannot be sent yet waits here.
+
+Utterances play strictly in the order they were opened. Each starts on a frame
+boundary; its last partial frame is padded with mu-law silence (0xFF) when it
+finishes. A mark is placed every ``mark_interval_ms`` of audio, at the end of
+every utterance, and whenever the buffer runs dry, so the played cursor keeps
+up. After ``clear`` all outstanding marks count as *flushed*, never played.
+
+Limits:
+
+* ``max_buffer_ms`` (default 60 000 ms = 480 000 bytes) of unsent audio per
+  call. A ``push`` beyond it is refused (returns ``False``) and the bytes are
+  counted in ``overflow_bytes``; the caller truncates that utterance.
+* ``max_message_ms`` (default 200 ms) of audio per ``media`` message.
+* Outstanding marks are bounded by the lead: at most
+  ``lead / min(mark_interval, 20 ms) + utterances`` at once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Final, Union
+
+from telephony.media import BYTES_PER_MS, FRAME_BYTES, MULAW_SILENCE
+
+_SILENCE_FRAME: Final = bytes([MULAW_SILENCE]) * FRAME_BYTES
+
+
+def _frames_floor(n: int) -> int:
+    return n - n % FRAME_BYTES
+
+
+@dataclass(slots=True)
+class UtteranceAudio:
+    """One utterance's audio on the call's timeline."""
+
+    utterance_id: str
+    pending: bytearray = field(default_factory=bytearray)
+    received_bytes: int = 0
+    sent_bytes: int = 0  # including padding
+    finished: bool = False
+    start_pos: int | None = None  # sent-timeline position of its first byte
+    end_mark: str | None = None
+
+    @property
+    def padding_bytes(self) -> int:
+        return self.sent_bytes - self.received_bytes if self.finished else 0
+
+
+@dataclass(frozen=True, slots=True)
+class MarkInfo:
+    name: str
+    position: int  # sent-timeline position the mark follows
+    sent_at: float  # monotonic seconds
+    utterance_id: str | None  # set when this mark ends an utterance
+
+
+@dataclass(frozen=True, slots=True)
+class SendMark:
+    name: str
+
+
+OutboundItem = Union[bytes, SendMark]
+
+
+@dataclass(slots=True)
+class MarkResult:
+    """What a mark echo meant."""
+
+    status: str  # "played", "flushed" or "unknown"
+    round_trip_s: float | None = None
+    completed_utterances: list[tuple[str, int]] = field(default_factory=list)  # (id, played ms)
+
+
+@dataclass(slots=True)
+class ClearResult:
+    """What a ``clear`` threw away. ``played_ms`` per utterance it cut."""
+
+    cut_utterances: list[tuple[str, int]]
+    dropped_bytes: int
+
+
+class Playout:
+    """Per-call outbound playout state machine (see module docstring for limits)."""
+
+    def __init__(
+        self,
+        *,
+        lead_ms: int = 300,
+        mark_interval_ms: int = 100,
+        max_buffer_ms: int = 60_000,
+        max_message_ms: int = 200,
+    ) -> None:
+        if lead_ms < 20:
+            raise ValueError("lead_ms must be at least one 20 ms frame")
+        self.lead_bytes = _frames_floor(lead_ms * BYTES_PER_MS)
+        self.mark_interval_bytes = max(FRAME_BYTES, _frames_floor(mark_interval_ms * BYTES_PER_MS))
+        self.max_buffer_bytes = max_buffer_ms * BYTES_PER_MS
+        self.max_message_bytes = max(FRAME_BYTES, _frames_floor(max_message_ms * BYTES_PER_MS))
+        self.sent = 0
+        self.played = 0
+        self.buffered_bytes = 0  # unsent bytes across utterances
+        self.overflow_bytes = 0
+        self.flushed_marks = 0
+        self.unknown_marks = 0
+        self._utterances: deque[UtteranceAudio] = deque()
+        self._by_id: dict[str, UtteranceAudio] = {}
+        self._marks: OrderedDict[str, MarkInfo] = OrderedDict()
+        self._flushed: set[str] = set()
+        self._mark_seq = 0
+        self._last_mark_pos = 0
+        self._waiting_since: float | None = None
+        # Utterances sent completely, waiting for their end mark's echo.
+        self._awaiting_end: dict[str, UtteranceAudio] = {}
+
+    # ------------------------------------------------------------------ input
+
+    def open(self, utterance_id: str) -> None:
+        """Queue an utterance; it plays after every utterance opened before it."""
+        if utterance_id in self._by_id:
+            raise ValueError(f"utterance {utterance_id!r} already open")
+        utt = UtteranceAudio(utterance_id)
+        self._utterances.append(utt)
+        self._by_id[utterance_id] = utt
+
+    def push(self, utterance_id: str, audio: bytes, now: float) -> bool:
+        """Add audio for an open utterance. ``False``: refused (buffer full or
+        utterance unknown/finished); overflow bytes are counted."""
+        utt = self._by_id.get(utterance_id)
+        if utt is None or utt.finished:
+            return False
+        if self.buffered_bytes + len(audio) > self.max_buffer_bytes:
+            self.overflow_bytes += len(audio)
+            return False
+        if self._waiting_since is None and self.sent - self.played < self.lead_bytes:
+            self._waiting_since = now
+        utt.pending += audio
+        utt.received_bytes += len(audio)
+        self.buffered_bytes += len(audio)
+        return True
+
+    def finish(self, utterance_id: str) -> None:
+        """No more audio will come for this utterance (Cartesia ``done``)."""
+        utt = self._by_id.get(utterance_id)
+        if utt is not None:
+            utt.finished = True
+
+    def discard(self, utterance_id: str) -> int:
+        """Drop an utterance that has not started playing; returns bytes dropped.
+
+        For one that has started, use ``clear`` (Twilio must be told too).
+        """
+        utt = self._by_id.get(utterance_id)
+        if utt is None or utt.start_pos is not None:
+            return 0
+        self._utterances.remove(utt)
+        del self._by_id[utterance_id]
+        dropped = len(utt.pending)
+        self.buffered_bytes -= dropped
+        return dropped
+
+    # ----------------------------------------------------------------- output
+
+    def _new_mark(self, now: float, utterance_id: str | None) -> SendMark:
+        self._mark_seq += 1
+        name = f"m{self._mark_seq}"
+        self._marks[name] = MarkInfo(name, self.sent, now, utterance_id)
+        self._last_mark_pos = self.sent
+        return SendMark(name)
+
+    def take(self, now: float) -> list[OutboundItem]:
+        """Everything that may be sent now, in order: audio (whole frames,
+        at most ``max_message_ms`` each) and marks."""
+        out: list[OutboundItem] = []
+        while self._utterances:
+            utt = self._utterances[0]
+            room = self.lead_bytes - (self.sent - self.played)
+            if room < FRAME_BYTES:
+                break
+            available = len(utt.pending)
+            if utt.finished and available % FRAME_BYTES:
+                pad = FRAME_BYTES - available % FRAME_BYTES
+                utt.pending += _SILENCE_FRAME[:pad]
+                self.buffered_bytes += pad
+                available += pad
+            whole = _frames_floor(available)
+            if whole:
+                next_mark_at = self._last_mark_pos + self.mark_interval_bytes
+                size = min(whole, _frames_floor(room), self.max_message_bytes, max(FRAME_BYTES, next_mark_at - self.sent))
+                audio = bytes(utt.pending[:size])
+                del utt.pending[:size]
+                if utt.start_pos is None:
+                    utt.start_pos = self.sent
+                self.sent += size
+                utt.sent_bytes += size
+                self.buffered_bytes -= size
+                out.append(audio)
+                if self.sent >= next_mark_at:
+                    out.append(self._new_mark(now, None))
+                continue
+            if utt.finished:
+                # Fully sent: its end mark tells us when it has been heard.
+                self._utterances.popleft()
+                del self._by_id[utt.utterance_id]
+                if utt.start_pos is None:
+                    continue  # produced no audio at all
+                mark = self._new_mark(now, utt.utterance_id)
+                utt.end_mark = mark.name
+                self._awaiting_end[mark.name] = utt
+                out.append(mark)
+                continue
+            break
+        if out and self._last_mark_pos < self.sent and self.buffered_bytes == 0:
+            out.append(self._new_mark(now, None))
+        return out
+
+    def take_forward_delay(self, now: float) -> float | None:
+        """Seconds from audio becoming sendable to now, once per burst; call
+        right after a ``take`` that sent audio."""
+        since = self._waiting_since
+        self._waiting_since = None
+        if since is None:
+            return None
+        return now - since
+
+    # ------------------------------------------------------------- feedback
+
+    def on_mark(self, name: str, now: float) -> MarkResult:
+        """A Twilio mark echo: advance the played cursor (or count a flush)."""
+        if name in self._flushed:
+            self._flushed.discard(name)
+            self.flushed_marks += 1
+            return MarkResult("flushed")
+        if name not in self._marks:
+            self.unknown_marks += 1
+            return MarkResult("unknown")
+        result = MarkResult("played")
+        # Echoes arrive in order; an echo also confirms every earlier mark.
+        while self._marks:
+            mark_name, info = self._marks.popitem(last=False)
+            self.played = max(self.played, info.position)
+            utt = self._awaiting_end.pop(mark_name, None)
+            if utt is not None:
+                result.completed_utterances.append((utt.utterance_id, utt.sent_bytes // BYTES_PER_MS))
+            if mark_name == name:
+                result.round_trip_s = now - info.sent_at
+                break
+        return result
+
+    def clear(self) -> ClearResult:
+        """Twilio ``clear`` was sent: every queued utterance is cut, every
+        outstanding mark becomes flushed, and the lead window restarts at the
+        played cursor."""
+        cut: list[tuple[str, int]] = []
+        dropped = 0
+        for utt in self._utterances:
+            if utt.start_pos is not None:
+                cut.append((utt.utterance_id, self.played_ms_of(utt)))
+            dropped += len(utt.pending)
+        for utt in self._awaiting_end.values():
+            cut.append((utt.utterance_id, self.played_ms_of(utt)))
+        self._utterances.clear()
+        self._by_id.clear()
+        self._awaiting_end.clear()
+        self._flushed.update(self._marks)
+        self._marks.clear()
+        self.buffered_bytes = 0
+        self.sent = self.played
+        self._last_mark_pos = self.sent
+        self._waiting_since = None
+        return ClearResult(cut, dropped)
+
+    # --------------------------------------------------------------- queries
+
+    def played_ms_of(self, utt: UtteranceAudio) -> int:
+        """Milliseconds of ``utt`` confirmed played (by mark echoes)."""
+        if utt.start_pos is None:
+            return 0
+        played = min(max(self.played - utt.start_pos, 0), utt.sent_bytes)
+        return played // BYTES_PER_MS
+
+    def utterance(self, utterance_id: str) -> UtteranceAudio | None:
+        return self._by_id.get(utterance_id)
+
+    def playing_utterance(self) -> UtteranceAudio | None:
+        """The utterance whose audio Twilio is playing or about to play."""
+        if self._awaiting_end:
+            return next(iter(self._awaiting_end.values()))
+        for utt in self._utterances:
+            if utt.start_pos is not None:
+                return utt
+        return None
+
+    @property
+    def unplayed_ms(self) -> int:
+        """Audio sent to Twilio and not yet confirmed played."""
+        return (self.sent - self.played) // BYTES_PER_MS
+
+    @property
+    def outstanding_marks(self) -> int:
+        return len(self._marks)
+
+    @property
+    def is_idle(self) -> bool:
+        """Nothing queued, nothing unplayed."""
+        return not self._utterances and not self._marks and not self._awaiting_end

@@ -1,0 +1,337 @@
+"""The bridge's aiohttp application: routes, start-up, shutdown and drain.
+
+Routes (one port):
+
+* ``POST /twilio/voice``: voice webhook → ``<Connect><Stream>`` TwiML (or a
+  polite ``<Say>`` refusal when full or draining).
+* ``POST /twilio/stream-status``: stream status callbacks (logged, counted).
+* ``POST /twilio/connect-action``: where Twilio goes when the stream ends;
+  hands off (``<Redirect>`` to ``HANDOFF_URL`` with the agent's handoff data)
+  or hangs up.
+* ``GET /twilio/media``: the Media Streams WebSocket (signature checked on the
+  upgrade, before any WebSocket is accepted).
+* ``GET /metrics``, ``GET /healthz``, ``GET /readyz``.
+
+Bounded state: call metadata from webhooks waits for its stream in a map of
+at most ``2 × MAX_CALLS`` entries (oldest evicted) for ``PENDING_CALL_TTL_S``;
+handoff data likewise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from typing import Any, Final
+from urllib.parse import urlencode
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from bridge.agent.builtin import BuiltinAgentLink
+from bridge.agent.link import AgentLink, AgentUnavailable, Closed, Deliver, RemoteAgentLink, agent_url_allowed
+from bridge.call import CallSettings
+from bridge.cartesia.client import CartesiaPool
+from bridge.config import Config
+from bridge.logs import log_event
+from bridge.session import CallSession
+from metrics import BridgeMetrics, metrics_handler
+from telephony.media import MAX_INBOUND_MESSAGE_BYTES, Start
+from telephony.signature import SignatureChecker
+from telephony.twiml import connect_stream, say_and_hangup
+
+log = logging.getLogger("bridge.server")
+
+PENDING_CALL_TTL_S: Final = 120.0
+#: aiohttp's own hard cap; messages between 64 KiB and this are rejected by
+#: the codec with the call kept, beyond it aiohttp closes with 1009.
+WS_HARD_MAX_MSG: Final = 1024 * 1024
+#: Webhook parameters forwarded to the stream as <Parameter>s.
+FORWARDED_PARAMS: Final = {"From": "from", "To": "to", "Direction": "direction"}
+
+
+def emulator_settings_from(args: str) -> Any:
+    """``EmulatorSettings`` from an ``EMULATOR_ARGS`` string (the emulator's own flags)."""
+    import argparse
+    import shlex
+
+    from bridge.cartesia.emulator.cli import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser(prog="EMULATOR_ARGS", add_help=False, exit_on_error=False)
+    add_arguments(parser)
+    try:
+        ns = parser.parse_args(shlex.split(args))
+    except (argparse.ArgumentError, SystemExit) as exc:
+        raise ValueError(f"EMULATOR_ARGS={args!r}: {exc}") from None
+    return settings_from_args(ns)
+
+
+class BridgeServer:
+    """Holds the process-wide state: config, metrics, Cartesia pool, calls."""
+
+    def __init__(
+        self, config: Config, metrics: BridgeMetrics | None = None, *, emulator_settings: Any = None
+    ) -> None:
+        self.config = config
+        self._emulator_settings = emulator_settings
+        self.metrics = metrics or BridgeMetrics()
+        self.signatures = SignatureChecker(config.twilio_auth_token)
+        self.calls: set[CallSession] = set()
+        self._pending_calls: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._handoffs: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        self.emulator: Any = None
+        self.pool: CartesiaPool = None  # type: ignore[assignment]  # set in startup
+        self.http: aiohttp.ClientSession | None = None
+        self.draining = False
+        self.started = False
+        self.call_settings = CallSettings(
+            model_id=config.cartesia_model,
+            voice_id=config.cartesia_voice_id,
+            language=config.cartesia_language,
+            lead_ms=config.playout_lead_ms,
+            mark_interval_ms=config.playout_mark_interval_ms,
+            max_buffer_ms=config.playout_max_buffer_ms,
+            max_buffer_delay_ms=config.cartesia_max_buffer_delay_ms,
+            vad_enabled=config.vad_enabled,
+            vad_threshold_rms=config.vad_threshold_rms,
+            vad_min_speech_ms=config.vad_min_speech_ms,
+            vad_hangover_ms=config.vad_hangover_ms,
+        )
+
+    # ------------------------------------------------------------ lifecycle
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024)
+        app.router.add_post("/twilio/voice", self.voice_webhook)
+        app.router.add_post("/twilio/stream-status", self.stream_status)
+        app.router.add_post("/twilio/connect-action", self.connect_action)
+        app.router.add_get("/twilio/media", self.media_stream)
+        app.router.add_get("/metrics", metrics_handler(self.metrics))
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.on_startup.append(self._on_startup)
+        app.on_shutdown.append(self._on_shutdown)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, _app: web.Application) -> None:
+        await self.startup()
+
+    async def startup(self) -> None:
+        config = self.config
+        log_event(log, "bridge_starting", **config.summary())
+        if not self.signatures.enforced:
+            log_event(log, "SIGNATURES_NOT_ENFORCED", logging.WARNING,
+                      detail="TWILIO_AUTH_TOKEN is unset: anyone can call the webhook and open media streams. "
+                             "Set it in production.")
+        cartesia_url = config.cartesia_url
+        if config.use_emulator:
+            from bridge.cartesia.emulator import Emulator
+
+            self.emulator = Emulator(self._emulator_settings or emulator_settings_from(config.emulator_args))
+            cartesia_url = await self.emulator.start("127.0.0.1", 0)
+            log_event(log, "embedded_emulator_started", logging.WARNING, url=cartesia_url,
+                      detail="CARTESIA_API_KEY is unset: speech comes from the local Cartesia emulator")
+        self.http = aiohttp.ClientSession()
+        self.pool = CartesiaPool(
+            url=cartesia_url,
+            api_key=config.cartesia_api_key,
+            version=config.cartesia_version,
+            metrics=self.metrics,
+            size=config.cartesia_pool_size,
+            max_concurrency=config.cartesia_max_concurrency,
+            max_waiters=max(1, config.max_calls * 2),
+            max_age_s=config.cartesia_socket_max_age_s,
+        )
+        self.pool.start()
+        await self.pool.prewarm(5.0)
+        self.started = True
+        self.metrics.ready.set(1)
+        log_event(log, "bridge_ready", cartesia_sockets=config.cartesia_pool_size)
+
+    async def _on_shutdown(self, _app: web.Application) -> None:
+        for call in list(self.calls):
+            await call.hang_up("shutdown")
+
+    async def _on_cleanup(self, _app: web.Application) -> None:
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        self.metrics.ready.set(0)
+        if self.pool is not None:
+            await self.pool.close()
+        if self.http is not None:
+            await self.http.close()
+            self.http = None
+        if self.emulator is not None:
+            await self.emulator.stop()
+            self.emulator = None
+
+    async def drain(self, grace_s: float) -> int:
+        """Stop taking calls, let calls finish for ``grace_s``, end the rest.
+        Returns how many calls had to be ended."""
+        self.draining = True
+        self.metrics.ready.set(0)
+        log_event(log, "drain_started", calls=len(self.calls), grace_s=grace_s)
+        deadline = time.monotonic() + grace_s
+        while self.calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        remaining = list(self.calls)
+        for call in remaining:
+            await call.hang_up("drained")
+        log_event(log, "drain_finished", ended_calls=len(remaining))
+        return len(remaining)
+
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.draining and self.pool is not None and self.pool.healthy
+
+    # ------------------------------------------------------------- registry
+
+    def register(self, call: CallSession) -> None:
+        self.calls.add(call)
+
+    def unregister(self, call: CallSession) -> None:
+        self.calls.discard(call)
+
+    def _remember(self, store: OrderedDict[str, Any], key: str, value: Any) -> None:
+        store[key] = value
+        store.move_to_end(key)
+        while len(store) > 2 * self.config.max_calls:
+            store.popitem(last=False)
+
+    def take_call_info(self, call_sid: str) -> dict[str, Any]:
+        info = self._pending_calls.pop(call_sid, None)
+        if info is None or time.monotonic() - info.get("_webhook_at", 0) > PENDING_CALL_TTL_S:
+            return {}
+        return info
+
+    def store_handoff(self, call_sid: str, data: Any) -> None:
+        self._remember(self._handoffs, call_sid, (time.monotonic(), data))
+
+    # ---------------------------------------------------------------- agent
+
+    async def connect_agent(self, start: Start, deliver: Deliver, closed: Closed) -> AgentLink:
+        config = self.config
+        url = config.agent_url
+        requested = start.custom_parameters.get("agentUrl")
+        if requested:
+            if not agent_url_allowed(requested, config.agent_url_allowlist):
+                self.metrics.agent_failures.labels(reason="not_allowlisted").inc()
+                raise AgentUnavailable(f"agent URL from call data is not allowlisted: {requested[:100]}")
+            url = requested
+        link: AgentLink
+        if url:
+            assert self.http is not None
+            link = RemoteAgentLink(url, config.agent_token, self.http, config.agent_connect_timeout_s)
+        else:
+            link = BuiltinAgentLink(config.greeting)
+        await link.start(deliver, closed)
+        return link
+
+    # --------------------------------------------------------------- routes
+
+    async def _check_webhook_signature(self, request: web.Request, path: str, endpoint: str) -> dict[str, str]:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        url = self.config.public(path)
+        if request.query_string:
+            url += "?" + request.query_string
+        if not self.signatures.webhook_ok(url, form, request.headers.get("X-Twilio-Signature")):
+            self.metrics.signature_failures.labels(endpoint=endpoint).inc()
+            log_event(log, "signature_rejected", logging.WARNING, endpoint=endpoint, call_sid=form.get("CallSid"),
+                      remote=request.remote)
+            raise web.HTTPForbidden(text="invalid X-Twilio-Signature")
+        return form
+
+    async def voice_webhook(self, request: web.Request) -> web.Response:
+        form = await self._check_webhook_signature(request, "/twilio/voice", "voice")
+        call_sid = form.get("CallSid", "")
+        if not call_sid:
+            self.metrics.webhooks.labels(result="bad_request").inc()
+            raise web.HTTPBadRequest(text="CallSid is required")
+        if not self.ready or len(self.calls) + len(self._pending_calls) >= self.config.max_calls:
+            reason = "draining" if self.draining else ("not_ready" if not self.ready else "max_calls")
+            self.metrics.calls_refused.labels(reason=reason).inc()
+            self.metrics.webhooks.labels(result="refused").inc()
+            log_event(log, "call_refused", logging.WARNING, call_sid=call_sid, reason=reason)
+            return web.Response(text=say_and_hangup(self.config.busy_line), content_type="text/xml")
+        # Warm the pool while the phone rings: the first utterance pays no handshake.
+        asyncio.get_running_loop().create_task(self.pool.prewarm(2.0))
+        params = {ours: form[theirs] for theirs, ours in FORWARDED_PARAMS.items() if form.get(theirs)}
+        agent = request.query.get("agentUrl")
+        if agent:
+            params["agentUrl"] = agent
+        greeting = request.query.get("greeting")
+        if greeting:
+            params["greeting"] = greeting
+        try:
+            twiml = connect_stream(
+                stream_url=self.config.public_ws_base + "/twilio/media",
+                status_callback=self.config.public("/twilio/stream-status"),
+                parameters=params,
+                action=self.config.public("/twilio/connect-action"),
+            )
+        except ValueError as exc:
+            self.metrics.webhooks.labels(result="bad_request").inc()
+            raise web.HTTPBadRequest(text=str(exc)) from None
+        info: dict[str, Any] = {"_webhook_at": time.monotonic(), "session_id": call_sid}
+        info.update({k: v for k, v in params.items() if k in ("from", "to", "direction")})
+        self._remember(self._pending_calls, call_sid, info)
+        self.metrics.webhooks.labels(result="connected").inc()
+        log_event(log, "webhook_answered", call_sid=call_sid)
+        return web.Response(text=twiml, content_type="text/xml")
+
+    async def stream_status(self, request: web.Request) -> web.Response:
+        form = await self._check_webhook_signature(request, "/twilio/stream-status", "stream_status")
+        event = form.get("StreamEvent", "")
+        level = logging.WARNING if event == "stream-error" else logging.INFO
+        log_event(log, "stream_status", level, call_sid=form.get("CallSid"), stream_sid=form.get("StreamSid"),
+                  status=event, error=form.get("StreamError"))
+        return web.Response(status=204)
+
+    async def connect_action(self, request: web.Request) -> web.Response:
+        form = await self._check_webhook_signature(request, "/twilio/connect-action", "connect_action")
+        call_sid = form.get("CallSid", "")
+        entry = self._handoffs.pop(call_sid, None)
+        handoff_url = self.config.handoff_url
+        if entry is not None and handoff_url:
+            data = entry[1]
+            target = handoff_url + ("&" if "?" in handoff_url else "?") + urlencode(
+                {"HandoffData": data if isinstance(data, str) else orjson.dumps(data).decode()}
+            )
+            twiml = say_and_hangup("", redirect_url=target)
+        else:
+            from twilio.twiml.voice_response import VoiceResponse
+
+            twiml = str(VoiceResponse().hangup())
+        log_event(log, "connect_action", call_sid=call_sid, handoff=entry is not None)
+        return web.Response(text=twiml, content_type="text/xml")
+
+    async def media_stream(self, request: web.Request) -> web.StreamResponse:
+        signed_url = self.config.public_ws_base + "/twilio/media"
+        if not self.signatures.websocket_ok(signed_url, request.headers.get("X-Twilio-Signature")):
+            self.metrics.signature_failures.labels(endpoint="media").inc()
+            log_event(log, "signature_rejected", logging.WARNING, endpoint="media", remote=request.remote)
+            raise web.HTTPForbidden(text="invalid X-Twilio-Signature")
+        ws = web.WebSocketResponse(max_msg_size=WS_HARD_MAX_MSG, compress=False, autoping=True)
+        await ws.prepare(request)
+        session = CallSession(self, ws)
+        await session.run()
+        return ws
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive", "calls": len(self.calls)})
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        body = {
+            "ready": self.ready,
+            "draining": self.draining,
+            "calls": len(self.calls),
+            "cartesia_connected": bool(self.pool is not None and self.pool.healthy),
+        }
+        return web.json_response(body, status=200 if self.ready else 503)
+
+
+assert MAX_INBOUND_MESSAGE_BYTES < WS_HARD_MAX_MSG

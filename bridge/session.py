@@ -1,0 +1,409 @@
+"""One call's I/O: the Twilio WebSocket, the agent link and Cartesia contexts.
+
+``CallSession`` feeds events into ``CallCore`` and carries out its actions.
+It owns every task of the call (Twilio writer, agent link, admissions,
+context deadlines) and cancels them all in ``_finish``; gauges go back down.
+
+Limits:
+
+* Twilio outbound FIFO: bounded by the playout lead (media) plus marks and
+  ``clear``; a hard cap of ``MAX_TWILIO_OUTBOX`` messages ends the call as
+  stuck (the Twilio socket is not draining).
+* Per utterance, at most ``MAX_PENDING_REQUESTS`` Cartesia inputs wait for
+  admission; beyond that the utterance fails and the agent is told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Final
+
+from aiohttp import WSMsgType, web
+
+from bridge.agent.link import AgentLink, AgentUnavailable
+from bridge.call import (
+    Action,
+    CallCore,
+    CancelCartesia,
+    EndCall,
+    ToAgent,
+    ToCartesia,
+    ToTwilio,
+)
+from bridge.cartesia.client import AdmissionError, ContextError, ContextLease
+from bridge.cartesia.protocol import Done, ErrorMessage, GenerationRequest, ServerMessage
+from bridge.logs import log_event
+from telephony.media import (
+    Connected,
+    Dtmf,
+    MarkEcho,
+    Media,
+    MediaError,
+    Start,
+    Stop,
+    parse_inbound,
+)
+
+if TYPE_CHECKING:
+    from bridge.server import BridgeServer
+
+log = logging.getLogger("bridge.session")
+
+MAX_TWILIO_OUTBOX: Final = 5000
+MAX_PENDING_REQUESTS: Final = 10_000
+#: Longest a call waits for queued speech to finish playing before hanging up.
+END_PLAYOUT_GRACE_S: Final = 15.0
+
+
+class CallSession:
+    """One Twilio media stream, from upgrade to close."""
+
+    def __init__(self, server: BridgeServer, ws: web.WebSocketResponse) -> None:
+        self.server = server
+        self.ws = ws
+        self.metrics = server.metrics
+        self.core = CallCore(server.call_settings, server.metrics)
+        self.agent: AgentLink | None = None
+        self._outbox: deque[str] = deque()
+        self._outbox_event = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._leases: dict[str, ContextLease] = {}
+        self._pending: dict[str, list[GenerationRequest]] = {}
+        self._admissions: dict[str, asyncio.Task[None]] = {}
+        self._deadlines: dict[str, asyncio.TimerHandle] = {}
+        self._end_task: asyncio.Task[None] | None = None
+        self.outcome = "completed"
+        self.started = False
+        self.closed = False
+        self.connected_at = time.monotonic()
+
+    # --------------------------------------------------------------- logging
+
+    def _log(self, event: str, level: int = logging.INFO, **fields: Any) -> None:
+        log_event(log, event, level, call_sid=self.core.call_sid, stream_sid=self.core.stream_sid, **fields)
+
+    def _bad_input(self, kind: str, detail: str) -> None:
+        self.metrics.bad_input.labels(source="twilio", kind=kind).inc()
+        self._log("twilio_bad_input", logging.WARNING, kind=kind, detail=detail[:200])
+
+    # ------------------------------------------------------------ main loop
+
+    async def run(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop(), name="twilio-writer")
+        try:
+            async for msg in self.ws:
+                if msg.type == WSMsgType.TEXT:
+                    await self._on_text(msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    self._bad_input("binary_frame", f"{len(msg.data)} bytes")
+                elif msg.type == WSMsgType.ERROR:
+                    self._bad_input("socket_error", str(self.ws.exception()))
+                    self.outcome = "socket_error"
+                    break
+                if self.closed:
+                    break
+            else:
+                if self.started and self.outcome == "completed" and not self.closed:
+                    self.outcome = "twilio_disconnected"
+        finally:
+            await self._finish()
+
+    async def _on_text(self, data: str) -> None:
+        try:
+            event = parse_inbound(data)
+        except MediaError as exc:
+            self._bad_input(exc.kind, exc.detail)
+            return
+        now = time.monotonic()
+        if isinstance(event, Media):
+            if not self.started:
+                self._bad_input("media_before_start", "media received before start")
+                return
+            if event.stream_sid != self.core.stream_sid:
+                self._bad_input("wrong_stream_sid", f"media for {event.stream_sid}")
+                return
+            self.metrics.frames_in.inc()
+            self.metrics.bytes_in.inc(len(event.payload))
+            actions = self.core.on_media(event.payload, event.timestamp_ms, now)
+            if actions:
+                self._execute(actions)
+            return
+        if isinstance(event, MarkEcho):
+            if not self.started or event.stream_sid != self.core.stream_sid:
+                self._bad_input("wrong_stream_sid", f"mark for {event.stream_sid}")
+                return
+            self._execute(self.core.on_mark(event.name, now))
+            return
+        if isinstance(event, Start):
+            if self.started:
+                self._bad_input("duplicate_start", "start received twice")
+                return
+            await self._on_start(event, now)
+            return
+        if isinstance(event, Dtmf):
+            if not self.started or event.stream_sid != self.core.stream_sid:
+                self._bad_input("wrong_stream_sid", f"dtmf for {event.stream_sid}")
+                return
+            self._log("dtmf", digit=event.digit)
+            self._execute(self.core.on_dtmf(event.digit))
+            return
+        if isinstance(event, Stop):
+            if self.started and event.stream_sid != self.core.stream_sid:
+                self._bad_input("wrong_stream_sid", f"stop for {event.stream_sid}")
+                return
+            self._log("stream_stopped")
+            self.outcome = "caller_hangup"
+            self.closed = True
+            return
+        if isinstance(event, Connected):
+            return
+
+    async def _on_start(self, start: Start, now: float) -> None:
+        if start.encoding != "audio/x-mulaw" or start.sample_rate != 8000:
+            self._bad_input("unsupported_format", f"{start.encoding}/{start.sample_rate}")
+        self.started = True
+        self.core.call_info = self.server.take_call_info(start.call_sid)
+        webhook_at = self.core.call_info.pop("_webhook_at", None)
+        if webhook_at is not None:
+            self.metrics.webhook_to_start.observe(max(0.0, now - float(webhook_at)))
+        self.metrics.active_calls.inc()
+        self.server.register(self)
+        actions = self.core.on_start(start, now)
+        self._log("call_started", from_=self.core.call_info.get("from"), params=list(start.custom_parameters))
+        try:
+            self.agent = await self.server.connect_agent(start, self._deliver_from_agent, self._agent_closed)
+        except AgentUnavailable as exc:
+            self.metrics.agent_failures.labels(reason="unreachable").inc()
+            self._log("agent_unreachable", logging.WARNING, error=str(exc))
+            self.outcome = "agent_unreachable"
+            self._execute(self.core.speak(self.server.config.fallback_line, last=True, now=time.monotonic(),
+                                          interruptible=False))
+            self._execute([EndCall("agent_unreachable")])
+            return
+        self.metrics.agent_connections.inc()
+        self._execute(actions)
+
+    # ---------------------------------------------------------------- agent
+
+    def _deliver_from_agent(self, message: str | dict[str, Any]) -> None:
+        if self.closed:
+            return
+        self._execute(self.core.on_agent_message(message, time.monotonic()))
+
+    def _agent_closed(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.metrics.agent_failures.labels(reason="disconnected").inc()
+        self._log("agent_disconnected", logging.WARNING, reason=reason)
+        self.outcome = "agent_disconnected"
+        self._execute([EndCall("agent_disconnected")])
+
+    # -------------------------------------------------------------- actions
+
+    def _execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, ToTwilio):
+                if len(self._outbox) >= MAX_TWILIO_OUTBOX:
+                    self._log("twilio_outbox_full", logging.ERROR, limit=MAX_TWILIO_OUTBOX)
+                    self.outcome = "twilio_stuck"
+                    self.closed = True
+                    self._outbox.clear()
+                    asyncio.get_running_loop().create_task(self.ws.close())
+                    return
+                self._outbox.append(action.text)
+                self._outbox_event.set()
+            elif isinstance(action, ToCartesia):
+                self._send_cartesia(action.utterance_id, action.request)
+            elif isinstance(action, CancelCartesia):
+                self._cancel_cartesia(action.utterance_id)
+            elif isinstance(action, ToAgent):
+                if self.agent is not None:
+                    self.agent.send(action.message)
+            elif isinstance(action, EndCall):
+                self._end_call(action)
+
+    async def _write_loop(self) -> None:
+        ws = self.ws
+        messages_out = self.metrics.twilio_messages_out
+        media_counter = messages_out.labels(event="media")
+        mark_counter = messages_out.labels(event="mark")
+        try:
+            while True:
+                await self._outbox_event.wait()
+                self._outbox_event.clear()
+                while self._outbox:
+                    text = self._outbox.popleft()
+                    await ws.send_str(text)
+                    # '{"event":"media"' vs '{"event":"mark"': the 12th char tells.
+                    if text[11] == "e":
+                        media_counter.inc()
+                    elif text[11] == "a":
+                        mark_counter.inc()
+        except asyncio.CancelledError:
+            raise
+        except (ConnectionError, RuntimeError) as exc:
+            self._log("twilio_send_failed", logging.WARNING, error=str(exc))
+            self.closed = True
+
+    # ------------------------------------------------------------- Cartesia
+
+    def _send_cartesia(self, utterance_id: str, request: GenerationRequest) -> None:
+        lease = self._leases.get(utterance_id)
+        if lease is not None:
+            try:
+                lease.send(request)
+            except ContextError as exc:
+                self._context_failed(utterance_id, str(exc))
+            return
+        pending = self._pending.get(utterance_id)
+        if pending is None:
+            self._pending[utterance_id] = [request]
+            self._admissions[utterance_id] = asyncio.get_running_loop().create_task(
+                self._admit(utterance_id), name=f"admit-{utterance_id}"
+            )
+        elif len(pending) >= MAX_PENDING_REQUESTS:
+            self._context_failed(utterance_id, "too many inputs waiting for admission")
+        else:
+            pending.append(request)
+
+    async def _admit(self, utterance_id: str) -> None:
+        try:
+            lease = await self.server.pool.open_context(
+                utterance_id, self, self.server.config.cartesia_admission_timeout_s
+            )
+        except AdmissionError as exc:
+            self._admissions.pop(utterance_id, None)
+            self._pending.pop(utterance_id, None)
+            self.metrics.utterances_failed.labels(reason="admission").inc()
+            self._context_failed(utterance_id, f"admission: {exc}")
+            return
+        self._admissions.pop(utterance_id, None)
+        if self.closed:
+            lease.cancel()
+            return
+        self._leases[utterance_id] = lease
+        self._deadlines[utterance_id] = asyncio.get_running_loop().call_later(
+            self.server.config.cartesia_context_timeout_s, self._context_deadline, utterance_id
+        )
+        for request in self._pending.pop(utterance_id, []):
+            try:
+                lease.send(request)
+            except ContextError as exc:
+                self._context_failed(utterance_id, str(exc))
+                return
+
+    def _cancel_cartesia(self, utterance_id: str) -> None:
+        task = self._admissions.pop(utterance_id, None)
+        if task is not None:
+            task.cancel()
+        self._pending.pop(utterance_id, None)
+        lease = self._leases.pop(utterance_id, None)
+        if lease is not None:
+            lease.cancel()
+        self._drop_deadline(utterance_id)
+
+    def _drop_deadline(self, utterance_id: str) -> None:
+        handle = self._deadlines.pop(utterance_id, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _context_deadline(self, utterance_id: str) -> None:
+        self._deadlines.pop(utterance_id, None)
+        lease = self._leases.pop(utterance_id, None)
+        if lease is None:
+            return
+        lease.cancel()
+        self.metrics.context_timeouts.inc()
+        self.metrics.utterances_failed.labels(reason="timeout").inc()
+        self._context_failed(utterance_id, "no done from Cartesia before the context deadline")
+
+    def _context_failed(self, utterance_id: str, reason: str) -> None:
+        lease = self._leases.pop(utterance_id, None)
+        if lease is not None:
+            lease.cancel()
+        self._drop_deadline(utterance_id)
+        self._execute(self.core.on_context_lost(utterance_id, reason, time.monotonic()))
+
+    # ContextListener
+    def on_cartesia_message(self, msg: ServerMessage, received_at: float) -> None:
+        utterance_id = msg.context_id
+        if isinstance(msg, (Done, ErrorMessage)):
+            lease = self._leases.pop(utterance_id, None)
+            if lease is not None:
+                lease.abandon()
+            self._drop_deadline(utterance_id)
+        if self.closed:
+            return
+        self._execute(self.core.on_cartesia(utterance_id, msg, received_at))
+
+    def on_context_lost(self, context_id: str, reason: str) -> None:
+        self._leases.pop(context_id, None)
+        self._drop_deadline(context_id)
+        if self.closed:
+            return
+        self.metrics.utterances_failed.labels(reason="socket_lost").inc()
+        self._execute(self.core.on_context_lost(context_id, f"Cartesia socket {reason}", time.monotonic()))
+
+    # ------------------------------------------------------------------ end
+
+    def _end_call(self, action: EndCall) -> None:
+        if self._end_task is not None or self.closed:
+            return
+        if action.reason == "agent_end":
+            self.outcome = "agent_end"
+        if action.handoff_data is not None and self.core.call_sid:
+            self.server.store_handoff(self.core.call_sid, action.handoff_data)
+        self._end_task = asyncio.get_running_loop().create_task(self._end_after_playout(action.reason))
+
+    async def _end_after_playout(self, reason: str) -> None:
+        """Let queued speech finish (bounded), then close: Twilio continues the TwiML."""
+        deadline = time.monotonic() + END_PLAYOUT_GRACE_S
+        while self.core.is_speaking and time.monotonic() < deadline and not self.closed:
+            await asyncio.sleep(0.05)
+        self._log("call_ending", reason=reason)
+        self.closed = True
+        await self.ws.close()
+
+    async def hang_up(self, reason: str) -> None:
+        """Server-initiated end (drain): close the stream now."""
+        self.outcome = reason
+        self.closed = True
+        await self.ws.close()
+
+    async def _finish(self) -> None:
+        self.closed = True
+        for action in self.core.on_end():
+            if isinstance(action, CancelCartesia):
+                self._cancel_cartesia(action.utterance_id)
+        for utterance_id in list(self._leases):
+            self._cancel_cartesia(utterance_id)
+        for task in list(self._admissions.values()):
+            task.cancel()
+        self._admissions.clear()
+        self._pending.clear()
+        for handle in self._deadlines.values():
+            handle.cancel()
+        self._deadlines.clear()
+        tasks = [t for t in (self._writer, self._end_task) if t is not None and t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        if self.agent is not None:
+            await self.agent.close()
+            self.metrics.agent_connections.dec()
+            self.agent = None
+        if self.started:
+            self.metrics.active_calls.dec()
+            self.metrics.calls.labels(outcome=self.outcome).inc()
+            self.server.unregister(self)
+        if not self.ws.closed:
+            await self.ws.close()
+        self._log("call_ended", outcome=self.outcome, frames_sent=self.core.frames_sent,
+                  late_chunks=self.core.late_chunks, duration_s=round(time.monotonic() - self.connected_at, 3))
