@@ -175,7 +175,8 @@ class Config:
         for prefix in allow:
             if urlsplit(prefix).scheme not in ("ws", "wss") or not urlsplit(prefix).netloc:
                 problems.append(f"AGENT_URL_ALLOWLIST entry {prefix!r} must be a ws(s)://host... prefix")
-        if get("CARTESIA_API_KEY") and str(get("CARTESIA_VOICE_ID")) == EMULATOR_DEFAULT_VOICE_ID:
+        real_cartesia = urlsplit(cartesia_url).hostname == "api.cartesia.ai"
+        if get("CARTESIA_API_KEY") and real_cartesia and str(get("CARTESIA_VOICE_ID")) == EMULATOR_DEFAULT_VOICE_ID:
             problems.append("CARTESIA_VOICE_ID must be set to one of your Cartesia voices when CARTESIA_API_KEY is set")
         handoff = get("HANDOFF_URL")
         if handoff and urlsplit(handoff).scheme not in ("http", "https"):

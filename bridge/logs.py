@@ -52,7 +52,8 @@ def configure_logging(level: str = "INFO", stream: Any = None) -> None:
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
     """Log one event with structured fields (``None`` values dropped)."""
     if logger.isEnabledFor(level):
-        logger.log(level, event, extra={k: v for k, v in fields.items() if v is not None})
+        extra = {(k + "_" if k in _RESERVED else k): v for k, v in fields.items() if v is not None}
+        logger.log(level, event, extra=extra)
 
 
 def redact(secret: str | None) -> str | None:

@@ -163,6 +163,14 @@ class CallRecord:
     protocol_errors: list[str] = field(default_factory=list)
     close_code: int | None = None
     action_response: str | None = None
+    #: Every outbound audio byte in arrival order (capped at ``MAX_RECORDED_BYTES``),
+    #: including audio later dropped by a ``clear``; for integrity checks.
+    received_audio: bytearray = field(default_factory=bytearray)
+    #: One entry per outbound ``media`` message: (arrival monotonic s, offset in
+    #: ``received_audio``, length, seconds the caller's buffer had been dry before it).
+    arrivals: list[tuple[float, int, int, float]] = field(default_factory=list)
+    #: ``len(received_audio)`` when each ``clear`` arrived (an utterance boundary).
+    clear_offsets: list[int] = field(default_factory=list)
 
     def event(self, kind: str, **detail: Any) -> None:
         self.timeline.append((time.monotonic(), kind, detail))
@@ -334,12 +342,19 @@ class SimulatedCall:
                     record.media_messages += 1
                     record.media_bytes += len(event.payload)
                     record.payload_sizes.append(len(event.payload))
-                    self.ear.media(event.payload, now)
+                    ear = self.ear
+                    dry = now - ear.buffer_end if ear.buffer_end > 0.0 else 0.0
+                    offset = len(record.received_audio)
+                    if offset < MAX_RECORDED_BYTES:
+                        record.received_audio += event.payload
+                        record.arrivals.append((now, offset, len(event.payload), max(0.0, dry)))
+                    ear.media(event.payload, now)
                 elif isinstance(event, OutMark):
                     record.marks_received += 1
                     self.ear.mark(event.name, now)
                 elif isinstance(event, OutClear):
                     record.clears += 1
+                    record.clear_offsets.append(len(record.received_audio))
                     record.event("clear")
                     for name in self.ear.clear(now):
                         await self._echo(name)

@@ -47,6 +47,10 @@ from bridge.logs import log_event
 from metrics import BridgeMetrics
 
 log = logging.getLogger("bridge.cartesia")
+# websockets logs handshake headers (our Authorization: Bearer key) at DEBUG;
+# its logger for our sockets is pinned above DEBUG so no log level leaks it.
+_wire_log = logging.getLogger("bridge.cartesia.wire")
+_wire_log.setLevel(logging.INFO)
 
 TOMBSTONES: Final = 4096
 MAX_PENDING_SENDS: Final = 10_000
@@ -201,7 +205,11 @@ class _Socket:
             self.pool._release_slot(context_id)
             if isinstance(msg, ErrorMessage):
                 self.pool.metrics.cartesia_errors.labels(status=str(msg.status_code)).inc()
-        listener.on_cartesia_message(msg, now)
+        try:
+            listener.on_cartesia_message(msg, now)
+        except Exception:  # noqa: BLE001 - one call's bug must not stop the shared reader
+            self.pool.metrics.bad_input.labels(source="cartesia", kind="handler_error").inc()
+            log.exception("cartesia_handler_failed", extra={"context_id": context_id})
 
     def tombstone(self, context_id: str) -> None:
         self.contexts.pop(context_id, None)
@@ -318,6 +326,7 @@ class CartesiaPool:
             ping_interval=20,
             ping_timeout=20,
             max_queue=256,
+            logger=_wire_log,
         )
 
     def start(self) -> None:

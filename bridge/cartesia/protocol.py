@@ -569,3 +569,37 @@ def parse_server_message(obj: Any) -> ServerMessage:
             request_id if isinstance(request_id, str) else None,
         )
     return UnknownMessage(ctx, kind if isinstance(kind, str) else None, obj)
+
+
+# --------------------------------------------------------------------------
+# HTTP (/tts/bytes, /tts/sse) request bodies
+
+#: Containers the HTTP endpoints accept (the WebSocket only takes ``raw``).
+HTTP_CONTAINERS: Final = ("raw", "wav", "mp3")
+
+
+def parse_http_tts_request(obj: Any, *, containers: tuple[str, ...] = HTTP_CONTAINERS) -> GenerationRequest:
+    """Server side: decode a ``POST /tts/bytes`` or ``/tts/sse`` JSON body.
+
+    Same fields and errors as ``parse_client_message`` (``continue``/``flush``
+    are meaningless here and ignored), except that ``output_format.container``
+    may be ``raw``, ``wav`` or ``mp3``; for ``mp3`` the returned format has
+    ``encoding="mp3"`` (its ``bytes_per_sample`` is undefined).
+    """
+    if not isinstance(obj, dict):
+        raise RequestError("request body must be a JSON object")
+    raw_ctx = obj.get("context_id")
+    ctx = raw_ctx if isinstance(raw_ctx, str) else None
+    fmt = parse_output_format(obj.get("output_format"), ctx, containers=containers)
+    patched = dict(obj)
+    patched.pop("cancel", None)
+    patched["output_format"] = {
+        "container": "raw",
+        "encoding": "pcm_s16le" if fmt.container == "mp3" else fmt.encoding,
+        "sample_rate": fmt.sample_rate,
+    }
+    req = parse_client_message(patched)
+    if not isinstance(req, GenerationRequest):  # pragma: no cover - cancel was removed above
+        raise RequestError("not a generation request")
+    req.output_format = fmt
+    return req
