@@ -86,6 +86,11 @@ class BridgeServer:
         self.http: aiohttp.ClientSession | None = None
         self.draining = False
         self.started = False
+        self.call_control: Any = None
+        if config.twilio_account_sid and config.twilio_auth_token:
+            from telephony.rest import CallControl
+
+            self.call_control = CallControl(config.twilio_account_sid, config.twilio_auth_token)
         self.call_settings = CallSettings(
             model_id=config.cartesia_model,
             voice_id=config.cartesia_voice_id,
@@ -211,6 +216,10 @@ class BridgeServer:
     def store_handoff(self, call_sid: str, data: Any) -> None:
         self._remember(self._handoffs, call_sid, (time.monotonic(), data))
 
+    @property
+    def handoff_pending(self) -> OrderedDict[str, tuple[float, Any]]:
+        return self._handoffs
+
     # ---------------------------------------------------------------- agent
 
     async def connect_agent(self, start: Start, deliver: Deliver, closed: Closed) -> AgentLink:
@@ -236,8 +245,9 @@ class BridgeServer:
     async def _check_webhook_signature(self, request: web.Request, path: str, endpoint: str) -> dict[str, str]:
         form = {k: str(v) for k, v in (await request.post()).items()}
         url = self.config.public(path)
-        if request.query_string:
-            url += "?" + request.query_string
+        raw_query = request.rel_url.raw_query_string  # as Twilio signed it (still percent-encoded)
+        if raw_query:
+            url += "?" + raw_query
         if not self.signatures.webhook_ok(url, form, request.headers.get("X-Twilio-Signature")):
             self.metrics.signature_failures.labels(endpoint=endpoint).inc()
             log_event(log, "signature_rejected", logging.WARNING, endpoint=endpoint, call_sid=form.get("CallSid"),

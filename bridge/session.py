@@ -365,6 +365,15 @@ class CallSession:
             await asyncio.sleep(0.05)
         self._log("call_ending", reason=reason)
         self.closed = True
+        control = self.server.call_control
+        if reason == "agent_end" and control is not None and self.core.call_sid \
+                and self.core.call_sid not in self.server.handoff_pending:
+            # Hang up over REST as well: a bare close would run any TwiML after </Connect>.
+            try:
+                await control.hang_up(self.core.call_sid)
+            except Exception as exc:  # noqa: BLE001 - the stream close below still ends the call
+                self.metrics.agent_failures.labels(reason="rest_hangup_failed").inc()
+                self._log("rest_hangup_failed", logging.WARNING, error=str(exc)[:200])
         await self.ws.close()
 
     async def hang_up(self, reason: str) -> None:

@@ -32,6 +32,7 @@ from typing import Any, Final
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aiohttp
+from yarl import URL
 
 from telephony.media import (
     FRAME_BYTES,
@@ -245,7 +246,8 @@ class SimulatedCall:
         if self.auth_token:
             headers["X-Twilio-Signature"] = sign(self.auth_token, self.public_url + path + query, form)
         self.record.event("webhook_sent")
-        resp = await self.session.post(self.base_url + path + query, data=form, headers=headers)
+        # encoded=True: send the URL exactly as signed (yarl would otherwise re-normalize the query).
+        resp = await self.session.post(URL(self.base_url + path + query, encoded=True), data=form, headers=headers)
         return resp
 
     async def place(self) -> ParsedStream | None:
