@@ -1,0 +1,67 @@
+"""Emulator settings (every CLI flag) and the model-id rule."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Final
+
+from .faults import FaultSettings
+
+#: sonic, sonic-2, sonic-turbo, sonic-3, sonic-3.5, sonic-latest, plus dated snapshots.
+MODEL_RE: Final = re.compile(r"^sonic(?:-2|-turbo|-3|-3\.5|-latest)?(?:-\d{4}-\d{2}-\d{2})?$")
+
+VOICE_BACKENDS: Final = ("tone", "espeak")
+
+
+def valid_model(model_id: str) -> bool:
+    return bool(MODEL_RE.match(model_id))
+
+
+@dataclass(slots=True)
+class EmulatorSettings:
+    """All knobs of the emulator; defaults suit tests (fast, no limits).
+
+    Latency model: ``ttfb_ms`` before the first chunk of every generation,
+    then chunks of ``chunk_ms`` audio ``chunk_ms * rtf`` ms apart (``rtf`` 0 =
+    as fast as possible), each delay plus ``uniform(0, jitter_ms)``; all
+    randomness from ``random.Random(seed + crc32(context_id))``.
+    """
+
+    api_key: str | None = None
+    voice_backend: str = "tone"
+    ttfb_ms: float = 0.0
+    rtf: float = 0.0
+    chunk_ms: int = 100
+    jitter_ms: float = 0.0
+    seed: int = 0
+    #: Active (not yet finished) contexts across the emulator; over it → 429 ``concurrency_limited``.
+    max_concurrency: int | None = None
+    #: Open WebSockets; over it the upgrade is answered HTTP 429.
+    max_connections: int | None = None
+    idle_timeout_s: float = 300.0
+    #: On cancel, a generation that already sent audio runs to its end (documented behaviour).
+    cancel_emits_inflight: bool = True
+    #: On cancel, answer ``done`` for the context.
+    send_done_on_cancel: bool = True
+    faults: FaultSettings = field(default_factory=FaultSettings)
+    #: Contexts whose produced audio and transcript are kept for inspection (oldest evicted); 0 = none.
+    record_contexts: int = 1000
+    #: ``max_buffer_delay_ms`` when a request does not give one (current docs: 3000).
+    default_buffer_delay_ms: int = 3000
+    #: A finished context is remembered this long after its last audio (docs: 1 s).
+    context_expiry_s: float = 1.0
+    #: Unknown voice ids → 400 (True) or the backend's default voice (False).
+    strict_voices: bool = True
+    #: Client messages kept in ``Emulator.received``.
+    received_cap: int = 10000
+
+    def validate(self) -> None:
+        if self.voice_backend not in VOICE_BACKENDS:
+            raise ValueError(f"voice_backend must be one of {VOICE_BACKENDS}, got {self.voice_backend!r}")
+        if not 10 <= self.chunk_ms <= 2000:
+            raise ValueError("chunk_ms must be in [10, 2000]")
+        if self.rtf < 0 or self.ttfb_ms < 0 or self.jitter_ms < 0:
+            raise ValueError("rtf, ttfb_ms and jitter_ms must be >= 0")
+        if self.idle_timeout_s <= 0:
+            raise ValueError("idle_timeout_s must be > 0")
