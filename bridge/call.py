@@ -54,13 +54,21 @@ class ToTwilio:
 
 @dataclass(frozen=True, slots=True)
 class ToCartesia:
-    utterance_id: str
+    context_id: str
     request: GenerationRequest
 
 
 @dataclass(frozen=True, slots=True)
 class CancelCartesia:
+    context_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeLater:
+    """Call ``CallCore.resume(utterance_id, now)`` after ``delay_s`` (429 back-off)."""
+
     utterance_id: str
+    delay_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +82,12 @@ class EndCall:
     handoff_data: Any = None
 
 
-Action = Union[ToTwilio, ToCartesia, CancelCartesia, ToAgent, EndCall]
+Action = Union[ToTwilio, ToCartesia, CancelCartesia, ToAgent, EndCall, ResumeLater]
+
+#: Re-sends of one utterance on new contexts (socket loss, 429) before giving up.
+MAX_RESUMES = 5
+#: First 429 back-off (doubles per retry, plus up to 50 % jitter), seconds.
+BACKOFF_BASE_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +105,7 @@ class CallSettings:
     vad_threshold_rms: int = 1200
     vad_min_speech_ms: int = 120
     vad_hangover_ms: int = 200
+    retry_window_s: float = 5.0
 
 
 @dataclass(slots=True)
@@ -103,6 +117,7 @@ class Utterance:
     voice_id: str
     language: str
     generation_config: dict[str, Any] | None
+    context_id: str = ""  # the Cartesia context currently producing it
     text_sent: str = ""
     text_held: str = ""  # trailing partial word not yet sent
     closed: bool = False  # continue:false sent
@@ -113,6 +128,11 @@ class Utterance:
     t_first_chunk: float | None = None
     t_first_frame: float | None = None
     audio_bytes: int = 0
+    resumes: int = 0
+    word_offset_s: float = 0.0  # timeline position where the current context's audio starts
+    skip_bytes: int = 0  # leading audio of the current context already played from the previous one
+    pending_resume: bool = False
+    first_failure: float | None = None  # start of the current run of failures (reset by progress)
 
 
 class EnergyVad:
@@ -188,6 +208,7 @@ class CallCore:
         self.call_sid: str | None = None
         self.encoder: OutboundEncoder | None = None
         self.utterances: dict[str, Utterance] = {}
+        self.contexts: dict[str, Utterance] = {}  # context_id -> utterance it is producing
         self.current: Utterance | None = None  # open for more agent tokens
         self.dropping_turn = False  # agent tokens of an interrupted turn
         self.voice_id = settings.voice_id
@@ -210,7 +231,7 @@ class CallCore:
 
     def _request(self, utt: Utterance, transcript: str, *, cont: bool, flush: bool = False) -> GenerationRequest:
         return GenerationRequest(
-            context_id=utt.utterance_id,
+            context_id=utt.context_id,
             transcript=transcript,
             model_id=self.settings.model_id,
             voice_id=utt.voice_id,
@@ -370,14 +391,17 @@ class CallCore:
                 config["speed"] = ov.speed
             if ov.emotion is not None:
                 config["emotion"] = ov.emotion
+            utterance_id = self._new_id()
             utt = Utterance(
-                utterance_id=self._new_id(),
+                utterance_id=utterance_id,
                 interruptible=True if interruptible is None else interruptible,
                 voice_id=ov.voice or self.voice_id,
                 language=ov.language or self.language,
                 generation_config=config or None,
+                context_id=utterance_id,
             )
             self.utterances[utt.utterance_id] = utt
+            self.contexts[utt.context_id] = utt
             self.playout.open(utt.utterance_id)
             self.current = utt
         text = utt.text_held + token
@@ -391,11 +415,13 @@ class CallCore:
             if utt.t_text is None:
                 utt.t_text = now
             utt.text_sent += send
-            out.append(ToCartesia(utt.utterance_id, self._request(utt, send, cont=True)))
+            if not utt.pending_resume:
+                out.append(ToCartesia(utt.context_id, self._request(utt, send, cont=True)))
         if last:
             if utt.t_text is None:
                 utt.t_text = now
-            out.append(ToCartesia(utt.utterance_id, self._request(utt, "", cont=False)))
+            if not utt.pending_resume:
+                out.append(ToCartesia(utt.context_id, self._request(utt, "", cont=False)))
             utt.closed = True
             self.current = None
         return out
@@ -405,25 +431,33 @@ class CallCore:
         utt = self.current
         if utt is None:
             return []
-        return [ToCartesia(utt.utterance_id, self._request(utt, "", cont=True, flush=True))]
+        return [ToCartesia(utt.context_id, self._request(utt, "", cont=True, flush=True))]
 
     # ------------------------------------------------------------ Cartesia in
 
-    def on_cartesia(self, utterance_id: str, msg: ServerMessage, now: float) -> list[Action]:
-        utt = self.utterances.get(utterance_id)
+    def on_cartesia(self, context_id: str, msg: ServerMessage, now: float) -> list[Action]:
+        utt = self.contexts.get(context_id)
         if utt is None or utt.cancelled:
             if isinstance(msg, Chunk):
                 self.late_chunks += 1
                 self.metrics.late_chunks_dropped.inc()
             return []
+        utterance_id = utt.utterance_id
         out: list[Action] = []
         if isinstance(msg, Chunk):
             try:
                 audio = binascii.a2b_base64(msg.data)
             except (binascii.Error, ValueError):
                 self.metrics.bad_input.labels(source="cartesia", kind="invalid_base64").inc()
-                self._log("cartesia_bad_chunk", logging.WARNING, context_id=utterance_id)
+                self._log("cartesia_bad_chunk", logging.WARNING, context_id=context_id)
                 return out
+            if utt.skip_bytes:
+                # Already played from the previous context (resumed mid-word).
+                skip = min(utt.skip_bytes, len(audio))
+                utt.skip_bytes -= skip
+                audio = audio[skip:]
+                if not audio:
+                    return out
             if utt.t_first_chunk is None:
                 utt.t_first_chunk = now
                 if utt.t_text is not None:
@@ -435,19 +469,31 @@ class CallCore:
                 out.extend(self._truncate(utt, now))
                 return out
             utt.audio_bytes += len(audio)
+            utt.first_failure = None
             self._pump(now, out)
         elif isinstance(msg, WordTimestamps):
             count = min(len(msg.words), len(msg.start), len(msg.end))
-            utt.words.extend(zip(msg.words[:count], msg.start[:count], msg.end[:count], strict=True))
+            off = utt.word_offset_s
+            utt.words.extend((w, a + off, b + off) for w, a, b in zip(msg.words[:count], msg.start[:count],
+                                                                        msg.end[:count], strict=True))
         elif isinstance(msg, Done):
+            self.contexts.pop(context_id, None)
             utt.done = True
             self.playout.finish(utterance_id)
             self._forget_if_silent(utt)
             self._pump(now, out)
         elif isinstance(msg, ErrorMessage):
-            utt.done = True
-            self._log("cartesia_error", logging.WARNING, context_id=utterance_id, status=msg.status_code,
+            self.contexts.pop(context_id, None)
+            self._log("cartesia_error", logging.WARNING, context_id=context_id, status=msg.status_code,
                       error_code=msg.error_code, message=msg.message)
+            if msg.status_code == 429 and self._may_resume(utt, now):
+                # Over the concurrency limit: back off, then resume on a new context.
+                utt.pending_resume = True
+                delay = BACKOFF_BASE_S * 2 ** utt.resumes
+                self.metrics.context_retries.labels(reason="429").inc()
+                return [ResumeLater(utterance_id, delay)]
+            utt.done = True
+            self.metrics.utterances_failed.labels(reason="cartesia_error").inc()
             self.playout.finish(utterance_id)
             self._forget_if_silent(utt)
             if self.current is utt:
@@ -460,21 +506,83 @@ class CallCore:
             pass
         return out
 
-    def on_context_lost(self, utterance_id: str, reason: str, now: float) -> list[Action]:
-        """The Cartesia socket carrying this utterance died (or timed out)."""
-        utt = self.utterances.get(utterance_id)
+    def _may_resume(self, utt: Utterance, now: float) -> bool:
+        """Within the utterance's retry budget: ``MAX_RESUMES`` and
+        ``retry_window_s`` since the first failure without progress."""
+        if utt.first_failure is None:
+            utt.first_failure = now
+        return (not self.ended and utt.resumes < MAX_RESUMES
+                and now - utt.first_failure < self.settings.retry_window_s)
+
+    def on_context_lost(self, context_id: str, reason: str, now: float, *, retry: bool = False) -> list[Action]:
+        """The context producing an utterance is gone (socket died, admission
+        failed, deadline). With ``retry``, the rest of the utterance is
+        re-sent on a new context; otherwise it ends with what was received."""
+        utt = self.contexts.pop(context_id, None)
         if utt is None or utt.cancelled or utt.done:
             return []
+        utterance_id = utt.utterance_id
+        if retry and self._may_resume(utt, now):
+            self.metrics.context_retries.labels(reason="socket_lost").inc()
+            self._log("utterance_resuming", logging.WARNING, context_id=context_id, reason=reason)
+            return self.resume(utterance_id, now)
+        if retry:
+            self.metrics.utterances_failed.labels(reason="retries_exhausted").inc()
         utt.done = True
         self.playout.finish(utterance_id)
         self._forget_if_silent(utt)
         if self.current is utt:
             self.current = None
             self.dropping_turn = not utt.closed
-        self._log("utterance_lost", logging.WARNING, context_id=utterance_id, reason=reason)
+        self._log("utterance_lost", logging.WARNING, context_id=context_id, reason=reason)
         out: list[Action] = [ToAgent(agent_proto.error_message(
             f"speech interrupted for utterance {utterance_id}: {reason}"))]
         self._pump(now, out)
+        return out
+
+    def resume(self, utterance_id: str, now: float) -> list[Action]:
+        """Continue an utterance on a new context with only the words the
+        caller has not heard and the bridge does not hold.
+
+        The audio kept ends at the last word fully received (by Cartesia's
+        word timestamps); when part of the next word was already sent to
+        Twilio, that many leading bytes of the new context are skipped, so
+        nothing is heard twice.
+        """
+        utt = self.utterances.get(utterance_id)
+        if utt is None or utt.cancelled or utt.done or self.ended:
+            return []
+        utt.pending_resume = False
+        utt.resumes += 1
+        received_s = utt.audio_bytes / 8000.0
+        complete = [w for w in utt.words if w[2] <= received_s + 1e-9]
+        cut_bytes = int(round(complete[-1][2] * 8000)) if complete else 0
+        head = self.playout.utterance(utterance_id)
+        sent_raw = head.sent_bytes if head is not None else 0
+        kept = self.playout.truncate(utterance_id, cut_bytes) if head is not None else utt.audio_bytes
+        utt.audio_bytes = kept
+        utt.skip_bytes = max(0, sent_raw - cut_bytes)
+        utt.words = complete
+        utt.word_offset_s = cut_bytes / 8000.0
+        tokens = utt.text_sent.split()
+        remaining = " ".join(tokens[len(complete):])
+        if remaining and utt.text_sent[-1:].isspace():
+            remaining += " "
+        utt.context_id = self._new_id()
+        self.contexts[utt.context_id] = utt
+        out: list[Action] = []
+        if remaining:
+            out.append(ToCartesia(utt.context_id, self._request(utt, remaining, cont=True)))
+        if utt.closed:
+            if remaining:
+                out.append(ToCartesia(utt.context_id, self._request(utt, "", cont=False)))
+            else:
+                self.contexts.pop(utt.context_id, None)
+                utt.done = True
+                self.playout.finish(utterance_id)
+                self._pump(now, out)
+        self._log("utterance_resumed", context_id=utt.context_id, kept_ms=kept // 8, words_kept=len(complete),
+                  skip_bytes=utt.skip_bytes, resumes=utt.resumes)
         return out
 
     def _forget_if_silent(self, utt: Utterance) -> None:
@@ -487,7 +595,8 @@ class CallCore:
         if not utt.done:
             utt.done = True
             utt.cancelled = True
-            out.append(CancelCartesia(utt.utterance_id))
+            self.contexts.pop(utt.context_id, None)
+            out.append(CancelCartesia(utt.context_id))
         self.playout.finish(utt.utterance_id)
         if self.current is utt:
             self.current = None
@@ -515,10 +624,11 @@ class CallCore:
         self.metrics.twilio_messages_out.labels(event="clear").inc()
         cleared = self.playout.clear()
         for utt in self.utterances.values():
-            if not utt.done:
-                out.append(CancelCartesia(utt.utterance_id))
+            if not utt.done and not utt.pending_resume:
+                out.append(CancelCartesia(utt.context_id))
             utt.cancelled = True
             utt.done = True
+        self.contexts.clear()
         if self.current is not None and not self.current.closed:
             self.dropping_turn = True
         self.current = None
@@ -550,10 +660,12 @@ class CallCore:
         out: list[Action] = []
         for utt in self.utterances.values():
             if not utt.done:
-                out.append(CancelCartesia(utt.utterance_id))
+                if not utt.pending_resume:
+                    out.append(CancelCartesia(utt.context_id))
                 utt.cancelled = True
                 utt.done = True
         self.utterances.clear()
+        self.contexts.clear()
         self.current = None
         return out
 

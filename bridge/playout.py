@@ -161,6 +161,20 @@ class Playout:
         if utt is not None:
             utt.finished = True
 
+    def truncate(self, utterance_id: str, keep_bytes: int) -> int:
+        """Keep only the first ``keep_bytes`` received for an open utterance
+        (never less than what was already sent); returns the bytes kept."""
+        utt = self._by_id.get(utterance_id)
+        if utt is None:
+            return 0
+        keep = max(keep_bytes, utt.sent_bytes)
+        drop = max(0, utt.received_bytes - keep)
+        if drop:
+            del utt.pending[len(utt.pending) - drop :]
+            utt.received_bytes -= drop
+            self.buffered_bytes -= drop
+        return utt.received_bytes
+
     def discard(self, utterance_id: str) -> int:
         """Drop an utterance that has not started playing; returns bytes dropped.
 

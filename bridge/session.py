@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final
@@ -29,6 +30,7 @@ from bridge.call import (
     CallCore,
     CancelCartesia,
     EndCall,
+    ResumeLater,
     ToAgent,
     ToCartesia,
     ToTwilio,
@@ -74,6 +76,8 @@ class CallSession:
         self._pending: dict[str, list[GenerationRequest]] = {}
         self._admissions: dict[str, asyncio.Task[None]] = {}
         self._deadlines: dict[str, asyncio.TimerHandle] = {}
+        self._last_heard: dict[str, float] = {}  # context_id -> last Cartesia message (monotonic s)
+        self._resumes: dict[str, asyncio.TimerHandle] = {}
         self._end_task: asyncio.Task[None] | None = None
         self.outcome = "completed"
         self.started = False
@@ -216,9 +220,13 @@ class CallSession:
                 self._outbox.append(action.text)
                 self._outbox_event.set()
             elif isinstance(action, ToCartesia):
-                self._send_cartesia(action.utterance_id, action.request)
+                self._send_cartesia(action.context_id, action.request)
             elif isinstance(action, CancelCartesia):
-                self._cancel_cartesia(action.utterance_id)
+                self._cancel_cartesia(action.context_id)
+            elif isinstance(action, ResumeLater):
+                jitter = 1.0 + random.random() / 2
+                self._resumes[action.utterance_id] = asyncio.get_running_loop().call_later(
+                    action.delay_s * jitter, self._resume, action.utterance_id)
             elif isinstance(action, ToAgent):
                 if self.agent is not None:
                     self.agent.send(action.message)
@@ -250,7 +258,23 @@ class CallSession:
 
     # ------------------------------------------------------------- Cartesia
 
+    def _resume(self, utterance_id: str) -> None:
+        self._resumes.pop(utterance_id, None)
+        if not self.closed:
+            self._execute(self.core.resume(utterance_id, time.monotonic()))
+
+    def _arm_deadline(self, context_id: str) -> None:
+        """Once a context is closed (continue:false), Cartesia must finish it:
+        no message for CARTESIA_CONTEXT_TIMEOUT_S ends it."""
+        if context_id in self._deadlines:
+            return
+        self._last_heard.setdefault(context_id, time.monotonic())
+        self._deadlines[context_id] = asyncio.get_running_loop().call_later(
+            self.server.config.cartesia_context_timeout_s, self._context_deadline, context_id)
+
     def _send_cartesia(self, utterance_id: str, request: GenerationRequest) -> None:
+        if not request.continue_:
+            self._arm_deadline(utterance_id)
         lease = self._leases.get(utterance_id)
         if lease is not None:
             try:
@@ -285,9 +309,7 @@ class CallSession:
             lease.cancel()
             return
         self._leases[utterance_id] = lease
-        self._deadlines[utterance_id] = asyncio.get_running_loop().call_later(
-            self.server.config.cartesia_context_timeout_s, self._context_deadline, utterance_id
-        )
+        self._last_heard[utterance_id] = time.monotonic()
         for request in self._pending.pop(utterance_id, []):
             try:
                 lease.send(request)
@@ -306,12 +328,20 @@ class CallSession:
         self._drop_deadline(utterance_id)
 
     def _drop_deadline(self, utterance_id: str) -> None:
+        self._last_heard.pop(utterance_id, None)
         handle = self._deadlines.pop(utterance_id, None)
         if handle is not None:
             handle.cancel()
 
     def _context_deadline(self, utterance_id: str) -> None:
         self._deadlines.pop(utterance_id, None)
+        timeout = self.server.config.cartesia_context_timeout_s
+        quiet = time.monotonic() - self._last_heard.get(utterance_id, 0.0)
+        if quiet < timeout and utterance_id in self._leases:
+            # Still producing: check again when it could next be overdue.
+            self._deadlines[utterance_id] = asyncio.get_running_loop().call_later(
+                timeout - quiet, self._context_deadline, utterance_id)
+            return
         lease = self._leases.pop(utterance_id, None)
         if lease is None:
             return
@@ -330,6 +360,8 @@ class CallSession:
     # ContextListener
     def on_cartesia_message(self, msg: ServerMessage, received_at: float) -> None:
         utterance_id = msg.context_id
+        if utterance_id in self._last_heard:
+            self._last_heard[utterance_id] = received_at
         if isinstance(msg, (Done, ErrorMessage)):
             lease = self._leases.pop(utterance_id, None)
             if lease is not None:
@@ -344,8 +376,8 @@ class CallSession:
         self._drop_deadline(context_id)
         if self.closed:
             return
-        self.metrics.utterances_failed.labels(reason="socket_lost").inc()
-        self._execute(self.core.on_context_lost(context_id, f"Cartesia socket {reason}", time.monotonic()))
+        self._execute(self.core.on_context_lost(context_id, f"Cartesia socket {reason}", time.monotonic(),
+                                                retry=True))
 
     # ------------------------------------------------------------------ end
 
@@ -384,18 +416,37 @@ class CallSession:
 
     async def _finish(self) -> None:
         self.closed = True
+        try:
+            await self._release_everything()
+        finally:
+            # Whatever failed above, the call must not stay counted.
+            if self.started:
+                self.metrics.active_calls.dec()
+                self.metrics.calls.labels(outcome=self.outcome).inc()
+                self.server.unregister(self)
+            if self.agent is not None:
+                self.metrics.agent_connections.dec()
+                self.agent = None
+            if not self.ws.closed:
+                await self.ws.close()
+            self._log("call_ended", outcome=self.outcome, frames_sent=self.core.frames_sent,
+                      late_chunks=self.core.late_chunks, duration_s=round(time.monotonic() - self.connected_at, 3))
+
+    async def _release_everything(self) -> None:
         for action in self.core.on_end():
             if isinstance(action, CancelCartesia):
-                self._cancel_cartesia(action.utterance_id)
-        for utterance_id in list(self._leases):
-            self._cancel_cartesia(utterance_id)
+                self._cancel_cartesia(action.context_id)
+        for context_id in list(self._leases):
+            self._cancel_cartesia(context_id)
         for task in list(self._admissions.values()):
             task.cancel()
         self._admissions.clear()
         self._pending.clear()
-        for handle in self._deadlines.values():
+        for handle in (*self._deadlines.values(), *self._resumes.values()):
             handle.cancel()
         self._deadlines.clear()
+        self._resumes.clear()
+        self._last_heard.clear()
         tasks = [t for t in (self._writer, self._end_task) if t is not None and t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
@@ -406,13 +457,3 @@ class CallSession:
                 pass
         if self.agent is not None:
             await self.agent.close()
-            self.metrics.agent_connections.dec()
-            self.agent = None
-        if self.started:
-            self.metrics.active_calls.dec()
-            self.metrics.calls.labels(outcome=self.outcome).inc()
-            self.server.unregister(self)
-        if not self.ws.closed:
-            await self.ws.close()
-        self._log("call_ended", outcome=self.outcome, frames_sent=self.core.frames_sent,
-                  late_chunks=self.core.late_chunks, duration_s=round(time.monotonic() - self.connected_at, 3))

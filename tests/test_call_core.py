@@ -47,7 +47,7 @@ def test_tokens_stream_into_one_context_at_word_boundaries() -> None:
 
 def speak_and_play(core: CallCore, words: list[tuple[str, float, float]], audio_ms: int) -> str:
     actions = core.speak(" ".join(w for w, _, _ in words), last=True, now=0.0)
-    utt = next(a.utterance_id for a in actions if isinstance(a, ToCartesia))
+    utt = next(a.context_id for a in actions if isinstance(a, ToCartesia))
     core.on_cartesia(utt, WordTimestamps(utt, [w for w, _, _ in words], [s for _, s, _ in words],
                                          [e for _, _, e in words]), 0.0)
     chunk = base64.b64encode(b"\x11" * (audio_ms * 8)).decode()
