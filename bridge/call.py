@@ -88,6 +88,8 @@ Action = Union[ToTwilio, ToCartesia, CancelCartesia, ToAgent, EndCall, ResumeLat
 MAX_RESUMES = 5
 #: First 429 back-off (doubles per retry, plus up to 50 % jitter), seconds.
 BACKOFF_BASE_S = 0.2
+#: Audio received without any word timestamp before the horizon is given up (bytes = 500 ms).
+HORIZON_GIVE_UP_BYTES = 4000
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,11 @@ class Utterance:
     skip_bytes: int = 0  # leading audio of the current context already played from the previous one
     pending_resume: bool = False
     first_failure: float | None = None  # start of the current run of failures (reset by progress)
+    failures: int = 0  # resumes since the last audio progress
+    held: bytearray = field(default_factory=bytearray)  # audio past the word-timestamp horizon
+    horizon_bytes: int = 0  # utterance timeline: end of the last word with a timestamp
+    timestamps_seen: bool = False
+    horizon_off: bool = False  # this context sends no timestamps: release audio as it comes
 
 
 class EnergyVad:
@@ -462,22 +469,26 @@ class CallCore:
                 utt.t_first_chunk = now
                 if utt.t_text is not None:
                     self.metrics.tts_ttfb.observe(now - utt.t_text)
-            if not self.playout.push(utterance_id, audio, now):
-                self.metrics.playout_overflow_bytes.inc(len(audio))
-                self._log("playout_overflow", logging.WARNING, context_id=utterance_id, dropped_bytes=len(audio),
-                          limit_ms=self.settings.max_buffer_ms)
-                out.extend(self._truncate(utt, now))
-                return out
-            utt.audio_bytes += len(audio)
             utt.first_failure = None
-            self._pump(now, out)
+            utt.failures = 0
+            utt.held += audio
+            if not utt.horizon_off and not utt.timestamps_seen and len(utt.held) > HORIZON_GIVE_UP_BYTES:
+                utt.horizon_off = True
+            self._release(utt, now, out)
         elif isinstance(msg, WordTimestamps):
             count = min(len(msg.words), len(msg.start), len(msg.end))
             off = utt.word_offset_s
             utt.words.extend((w, a + off, b + off) for w, a, b in zip(msg.words[:count], msg.start[:count],
                                                                         msg.end[:count], strict=True))
+            if count:
+                utt.timestamps_seen = True
+                utt.horizon_bytes = max(utt.horizon_bytes, int(round(utt.words[-1][2] * 8000)))
+                if utt.held:
+                    self._release(utt, now, out)
         elif isinstance(msg, Done):
             self.contexts.pop(context_id, None)
+            utt.horizon_off = True
+            self._release(utt, now, out)
             utt.done = True
             self.playout.finish(utterance_id)
             self._forget_if_silent(utt)
@@ -492,6 +503,8 @@ class CallCore:
                 delay = BACKOFF_BASE_S * 2 ** utt.resumes
                 self.metrics.context_retries.labels(reason="429").inc()
                 return [ResumeLater(utterance_id, delay)]
+            utt.horizon_off = True
+            self._release(utt, now, out)
             utt.done = True
             self.metrics.utterances_failed.labels(reason="cartesia_error").inc()
             self.playout.finish(utterance_id)
@@ -506,12 +519,39 @@ class CallCore:
             pass
         return out
 
+    def _release(self, utt: Utterance, now: float, out: list[Action]) -> None:
+        """Move held audio into playout up to the word-timestamp horizon.
+
+        Audio is sent to Twilio only once Cartesia has said which word it
+        belongs to, so a context lost mid-word can be resumed exactly at a word
+        start (``resume``). Contexts that send no timestamps are not held.
+        """
+        if not utt.held:
+            return
+        if utt.horizon_off:
+            n = len(utt.held)
+        else:
+            n = min(len(utt.held), utt.horizon_bytes - utt.audio_bytes)
+        if n <= 0:
+            return
+        audio = bytes(utt.held[:n])
+        del utt.held[:n]
+        if not self.playout.push(utt.utterance_id, audio, now):
+            self.metrics.playout_overflow_bytes.inc(len(audio) + len(utt.held))
+            self._log("playout_overflow", logging.WARNING, context_id=utt.context_id, dropped_bytes=len(audio),
+                      limit_ms=self.settings.max_buffer_ms)
+            utt.held.clear()
+            out.extend(self._truncate(utt, now))
+            return
+        utt.audio_bytes += len(audio)
+        self._pump(now, out)
+
     def _may_resume(self, utt: Utterance, now: float) -> bool:
         """Within the utterance's retry budget: ``MAX_RESUMES`` and
         ``retry_window_s`` since the first failure without progress."""
         if utt.first_failure is None:
             utt.first_failure = now
-        return (not self.ended and utt.resumes < MAX_RESUMES
+        return (not self.ended and utt.failures < MAX_RESUMES
                 and now - utt.first_failure < self.settings.retry_window_s)
 
     def on_context_lost(self, context_id: str, reason: str, now: float, *, retry: bool = False) -> list[Action]:
@@ -528,6 +568,9 @@ class CallCore:
             return self.resume(utterance_id, now)
         if retry:
             self.metrics.utterances_failed.labels(reason="retries_exhausted").inc()
+        out: list[Action] = []
+        utt.horizon_off = True
+        self._release(utt, now, out)
         utt.done = True
         self.playout.finish(utterance_id)
         self._forget_if_silent(utt)
@@ -535,8 +578,8 @@ class CallCore:
             self.current = None
             self.dropping_turn = not utt.closed
         self._log("utterance_lost", logging.WARNING, context_id=context_id, reason=reason)
-        out: list[Action] = [ToAgent(agent_proto.error_message(
-            f"speech interrupted for utterance {utterance_id}: {reason}"))]
+        out.append(ToAgent(agent_proto.error_message(
+            f"speech interrupted for utterance {utterance_id}: {reason}")))
         self._pump(now, out)
         return out
 
@@ -554,9 +597,26 @@ class CallCore:
             return []
         utt.pending_resume = False
         utt.resumes += 1
-        received_s = utt.audio_bytes / 8000.0
-        complete = [w for w in utt.words if w[2] <= received_s + 1e-9]
-        cut_bytes = int(round(complete[-1][2] * 8000)) if complete else 0
+        utt.failures += 1
+        received = utt.audio_bytes + len(utt.held)
+        complete = [w for w in utt.words if int(round(w[2] * 8000)) <= received]
+        if utt.closed and len(complete) == len(utt.text_sent.split()):
+            # Every word arrived (only the done was lost): keep all the audio, finish.
+            out_done: list[Action] = []
+            utt.horizon_off = True
+            self._release(utt, now, out_done)
+            utt.done = True
+            self.playout.finish(utterance_id)
+            self._pump(now, out_done)
+            return out_done
+        utt.held.clear()
+        nxt = utt.words[len(complete)] if len(complete) < len(utt.words) else None
+        if nxt is not None and int(round(nxt[1] * 8000)) < received:
+            cut_bytes = int(round(nxt[1] * 8000))  # the word being spoken is re-made from its start
+        else:
+            cut_bytes = int(round(complete[-1][2] * 8000)) if complete else 0
+        # The current context began at the start of its first word: never cut before that.
+        cut_bytes = max(cut_bytes, int(round(utt.word_offset_s * 8000)))
         head = self.playout.utterance(utterance_id)
         sent_raw = head.sent_bytes if head is not None else 0
         kept = self.playout.truncate(utterance_id, cut_bytes) if head is not None else utt.audio_bytes
@@ -564,6 +624,8 @@ class CallCore:
         utt.skip_bytes = max(0, sent_raw - cut_bytes)
         utt.words = complete
         utt.word_offset_s = cut_bytes / 8000.0
+        utt.horizon_bytes = cut_bytes
+        utt.timestamps_seen = False
         tokens = utt.text_sent.split()
         remaining = " ".join(tokens[len(complete):])
         if remaining and utt.text_sent[-1:].isspace():

@@ -189,9 +189,15 @@ class BridgeServer:
         log_event(log, "drain_finished", ended_calls=len(remaining))
         return len(remaining)
 
+    #: A Cartesia outage longer than this makes /readyz fail; shorter reconnects do not.
+    CARTESIA_DOWN_GRACE_S: Final = 5.0
+
     @property
     def ready(self) -> bool:
-        return self.started and not self.draining and self.pool is not None and self.pool.healthy
+        """Ready for new calls: started, not draining, Cartesia reachable
+        (a reconnect shorter than ``CARTESIA_DOWN_GRACE_S`` does not count)."""
+        return (self.started and not self.draining and self.pool is not None
+                and self.pool.down_for_s < self.CARTESIA_DOWN_GRACE_S)
 
     # ------------------------------------------------------------- registry
 

@@ -22,6 +22,12 @@ def make_core(**overrides: object) -> CallCore:
     return core
 
 
+def feed(core: CallCore, ctx: str, n_bytes: int, now: float = 0.0) -> list[object]:
+    """Cartesia audio with a word timestamp covering it (audio is sent only once timestamped)."""
+    out: list[object] = core.on_cartesia(ctx, WordTimestamps(ctx, ["w"], [0.0], [n_bytes / 8000]), now)
+    return out + core.on_cartesia(ctx, Chunk(ctx, base64.b64encode(b"\x11" * n_bytes).decode()), now)
+
+
 def cartesia_texts(actions: list[object]) -> list[tuple[str, bool]]:
     return [(a.request.transcript, a.request.continue_) for a in actions if isinstance(a, ToCartesia)]
 
@@ -86,13 +92,13 @@ def test_vad_barges_in_only_on_interruptible_speech() -> None:
     core = make_core(vad_enabled=True, vad_min_speech_ms=60, vad_hangover_ms=100)
     core.speak("hold please", last=True, now=0.0, interruptible=False)
     utt = next(iter(core.utterances))
-    core.on_cartesia(utt, Chunk(utt, base64.b64encode(b"\x11" * 1600).decode()), 0.0)
+    feed(core, utt, 1600)
     for i in range(10):
         assert not any(isinstance(a, ToTwilio) for a in core.on_media(SPEECH_FRAME, i * 20, i * 0.02))
     core2 = make_core(vad_enabled=True, vad_min_speech_ms=60, vad_hangover_ms=100)
     core2.speak("talk to me", last=True, now=0.0)
     utt2 = next(iter(core2.utterances))
-    core2.on_cartesia(utt2, Chunk(utt2, base64.b64encode(b"\x11" * 1600).decode()), 0.0)
+    feed(core2, utt2, 1600)
     assert core2.on_media(SILENCE_FRAME, 0, 0.0) == []
     fired = []
     for i in range(5):
@@ -108,7 +114,7 @@ def test_tokens_of_an_interrupted_turn_are_dropped_until_last() -> None:
     core = make_core()
     core.speak("first part ", last=False, now=0.0)
     utt = next(iter(core.utterances))
-    core.on_cartesia(utt, Chunk(utt, base64.b64encode(b"\x11" * 800).decode()), 0.0)
+    feed(core, utt, 800)
     core.interrupt("agent", 0.1)
     assert core.speak("more of the old turn ", last=False, now=0.2) == []
     assert core.speak("end.", last=True, now=0.2) == []
@@ -120,7 +126,7 @@ def test_spoken_is_sent_when_the_end_mark_is_echoed() -> None:
     core = make_core()
     core.speak("all of it", last=True, now=0.0)
     utt = next(iter(core.utterances))
-    core.on_cartesia(utt, Chunk(utt, base64.b64encode(b"\x11" * 800).decode()), 0.0)
+    feed(core, utt, 800)
     core.on_cartesia(utt, Done(utt), 0.0)
     names = list(core.playout._marks)  # noqa: SLF001
     out = []
@@ -128,6 +134,43 @@ def test_spoken_is_sent_when_the_end_mark_is_echoed() -> None:
         out += core.on_mark(n, 0.2)
     assert agent(out) == [{"type": "spoken", "text": "all of it", "durationMs": 100, "utteranceId": utt}]
     assert core.utterances == {}
+
+
+def test_audio_waits_for_its_word_timestamps_unless_none_come() -> None:
+    core = make_core()
+    core.speak("hi", last=False, now=0.0)
+    ctx = next(iter(core.utterances))
+    chunk = base64.b64encode(b"\x11" * 800).decode()
+    assert twilio(core.on_cartesia(ctx, Chunk(ctx, chunk), 0.0)) == [], "held until Cartesia says which word it is"
+    out = core.on_cartesia(ctx, WordTimestamps(ctx, ["hi"], [0.0], [0.1]), 0.0)
+    assert [m["event"] for m in twilio(out)][0] == "media"
+    # A context that sends no timestamps at all is not held for more than 500 ms of audio.
+    core2 = make_core()
+    core2.speak("hi", last=False, now=0.0)
+    ctx2 = next(iter(core2.utterances))
+    sent = []
+    for _ in range(6):
+        sent += twilio(core2.on_cartesia(ctx2, Chunk(ctx2, chunk), 0.0))
+    assert any(m["event"] == "media" for m in sent)
+
+
+def test_resume_after_socket_loss_sends_only_unheard_words() -> None:
+    core = make_core(lead_ms=300, mark_interval_ms=100)
+    first = cartesia_texts(core.speak("alpha beta gamma delta", last=True, now=0.0))
+    assert first[0] == ("alpha beta gamma delta", True)
+    ctx = next(iter(core.contexts))
+    words = WordTimestamps(ctx, ["alpha", "beta", "gamma"], [0.0, 0.1, 0.2], [0.09, 0.19, 0.29])
+    core.on_cartesia(ctx, words, 0.0)
+    core.on_cartesia(ctx, Chunk(ctx, base64.b64encode(b"\x11" * 2000).decode()), 0.0)  # 250 ms: gamma half done
+    out = core.on_context_lost(ctx, "socket closed", 0.1, retry=True)
+    resent = cartesia_texts(out)
+    assert resent == [("gamma delta", True), ("", False)], "gamma is re-made from its start, alpha/beta are not"
+    new_ctx = next(iter(core.contexts))
+    assert new_ctx != ctx
+    utt = core.contexts[new_ctx]
+    assert utt.word_offset_s == 0.2
+    # 1920 bytes (12 whole frames) went to Twilio; 1600 is where gamma starts.
+    assert utt.skip_bytes == 1920 - 1600, "the part of gamma already sent is not played twice"
 
 
 def test_bad_agent_messages_get_an_error_back() -> None:

@@ -122,6 +122,7 @@ class _Socket:
             self.pool.metrics.cartesia_sockets.inc()
             self.last_activity = time.monotonic()
             self.ready.set()
+            self.pool._health_changed()
             reason = "closed"
             writer = asyncio.create_task(self._write_loop(self.ws))
             try:
@@ -129,6 +130,7 @@ class _Socket:
             finally:
                 writer.cancel()
                 self.ready.clear()
+                self.pool._health_changed()
                 self.pool.metrics.cartesia_sockets.dec()
                 ws, self.ws = self.ws, None
                 await _quiet_close(ws)
@@ -309,6 +311,7 @@ class CartesiaPool:
         self._reserved = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._started = False
+        self._down_since: float | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -349,6 +352,17 @@ class CartesiaPool:
     @property
     def healthy(self) -> bool:
         return any(s.open for s in self._sockets)
+
+    def _health_changed(self) -> None:
+        if self.healthy:
+            self._down_since = None
+        elif self._down_since is None:
+            self._down_since = time.monotonic()
+
+    @property
+    def down_for_s(self) -> float:
+        """Seconds since the last socket closed with none open (0 when healthy)."""
+        return 0.0 if self._down_since is None else time.monotonic() - self._down_since
 
     async def close(self) -> None:
         for sock in self._sockets:
