@@ -359,7 +359,7 @@ class CallSession:
 
     # ContextListener
     def on_cartesia_message(self, msg: ServerMessage, received_at: float) -> None:
-        utterance_id = msg.context_id
+        utterance_id = msg.context_id or ""
         if utterance_id in self._last_heard:
             self._last_heard[utterance_id] = received_at
         if isinstance(msg, (Done, ErrorMessage)):

@@ -8,8 +8,17 @@ counters, gauges without suffix. Units are seconds and bytes.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 #: Buckets for sub-millisecond to multi-second latencies, in seconds.
 LATENCY_BUCKETS = (
@@ -120,7 +129,7 @@ class BridgeMetrics:
         return generate_latest(self.registry)
 
 
-def metrics_handler(metrics: BridgeMetrics) -> web.RequestHandler:  # type: ignore[type-arg]
+def metrics_handler(metrics: BridgeMetrics) -> Callable[[web.Request], Awaitable[web.Response]]:
     """aiohttp handler serving ``metrics`` in the Prometheus text format."""
 
     async def handle(_request: web.Request) -> web.Response:

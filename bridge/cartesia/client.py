@@ -190,7 +190,7 @@ class _Socket:
             return "connection_lost"
 
     def _route(self, msg: ServerMessage, now: float) -> None:
-        context_id = msg.context_id
+        context_id = msg.context_id or ""
         listener = self.contexts.get(context_id) if context_id else None
         if listener is None:
             if isinstance(msg, Chunk):
