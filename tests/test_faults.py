@@ -12,8 +12,9 @@ import time
 import aiohttp
 import pytest
 
-from bridge.cartesia.emulator import Emulator, EmulatorSettings, FaultSettings
+from bridge.cartesia.emulator import EmulatorSettings, FaultSettings
 from bridge.demo import free_port
+from bridge.integrity import explain_heard
 from metrics.scrape import parse_samples, value
 from telephony.media import FRAME_BYTES
 from telephony.simulator import SimulatedCall
@@ -46,21 +47,6 @@ def contexts_of_call(bridge: Bridge, i: int) -> list[str]:
         if ctx and ctx not in order and words and words[0].startswith(f"c{i}w"):
             order.append(ctx)
     return order
-
-
-def explain_heard(heard: bytes, chain: list[tuple[bytes, list[float]]]) -> bool:
-    """True when ``heard`` = c1[:b1] + c2[:b2] + ... + ck + silence padding, each b at a word boundary."""
-
-    def match(pos: int, k: int) -> bool:
-        audio, ends = chain[k]
-        if k == len(chain) - 1:
-            rest = heard[pos:]
-            pad = -(pos + len(audio)) % FRAME_BYTES  # the utterance's last frame is padded
-            return rest == audio + b"\xff" * pad
-        bounds = sorted({0, *(int(round(e * 8000)) for e in ends)}, reverse=True)
-        return any(b <= len(audio) and heard[pos:pos + b] == audio[:b] and match(pos + b, k + 1) for b in bounds)
-
-    return match(0, 0)
 
 
 async def run_calls(bridge: Bridge) -> list[SimulatedCall]:
