@@ -167,6 +167,11 @@ class Emulator:
     def context_record(self, context_id: str) -> ContextRecord | None:
         return self._records.get(context_id)
 
+    @property
+    def records(self) -> list[ContextRecord]:
+        """Recorded contexts in creation order (at most ``record_contexts``, oldest evicted)."""
+        return list(self._records.values())
+
     def lateness_ms(self) -> dict[str, float | None]:
         values = list(self._lateness)
         return {
