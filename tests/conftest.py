@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -37,6 +39,12 @@ class Bridge:
             return parse_samples(await resp.text())
 
 
+@pytest.fixture(autouse=True)
+def _collect_garbage_between_tests() -> None:
+    # Finalise sockets and tasks of earlier tests' event loops now, not inside this test's loop.
+    gc.collect()
+
+
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
@@ -48,7 +56,7 @@ async def emulator() -> AsyncIterator[Emulator]:
     emu = Emulator(EmulatorSettings(ttfb_ms=5, rtf=0.05))
     await emu.start("127.0.0.1", 0)
     yield emu
-    await emu.stop()
+    await _bounded(emu.stop(), "emulator stop")
 
 
 BridgeFactory = Callable[..., Awaitable[Bridge]]
@@ -92,7 +100,16 @@ async def make_bridge(http: aiohttp.ClientSession) -> AsyncIterator[BridgeFactor
         return Bridge(server, f"http://127.0.0.1:{port}", token, http, emulator)
 
     yield factory
+    # Bounded teardown: a hang here names the tasks still running instead of eating the test timeout.
     for runner in reversed(runners):
-        await runner.cleanup()
+        await _bounded(runner.cleanup(), "bridge cleanup")
     for emu in emulators:
-        await emu.stop()
+        await _bounded(emu.stop(), "emulator stop")
+
+
+async def _bounded(aw: Awaitable[None], what: str, timeout_s: float = 15.0) -> None:
+    try:
+        await asyncio.wait_for(aw, timeout_s)
+    except TimeoutError:
+        tasks = [f"{t.get_name()}: {t.get_coro()!r}" for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        pytest.fail(f"{what} did not finish in {timeout_s} s; running tasks: {tasks}")

@@ -175,6 +175,7 @@ def test_resume_after_socket_loss_sends_only_unheard_words() -> None:
 
 def test_bad_agent_messages_get_an_error_back() -> None:
     core = make_core()
-    for raw in ["{bad", '{"type":"dance"}', '{"type":"text","token":5}', '{"type":"config","speed":9}']:
+    for raw in ["{bad", '{"type":"dance"}', '{"type":"text","token":5}', '{"type":"config","speed":9}',
+                '{"type":"text","token":"hi","language":["en"]}', '{"type":"config","language":{}}']:
         out = core.on_agent_message(raw, 0.0)
         assert agent(out)[0]["type"] == "error" and agent(out)[0]["description"]

@@ -105,3 +105,10 @@ def test_cartesia_server_messages_round_trip_and_error_shapes() -> None:
                    "status_code": 429, "context_id": "c"}
     assert cp.parse_server_message(old).status_code == 429
     assert isinstance(cp.parse_server_message({"type": "future_thing"}), cp.UnknownMessage)
+
+
+def test_timestamps_with_a_bad_entry_are_dropped_whole() -> None:
+    msg = cp.parse_server_message({"type": "timestamps", "context_id": "c",
+                                   "word_timestamps": {"words": ["a", "b"], "start": [0, None], "end": [0.1, 0.2]}})
+    assert isinstance(msg, cp.WordTimestamps)
+    assert msg.start == [], "a null must not shift later times onto the wrong word"

@@ -52,6 +52,15 @@ class AgentLink:
         raise NotImplementedError
 
 
+def loggable_url(url: str) -> str:
+    """``url`` without userinfo or query (either may carry a credential)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
 def agent_url_allowed(url: str, allowlist: tuple[str, ...]) -> bool:
     """True when ``url`` starts with an allowlisted prefix at a path boundary."""
     parts = urlsplit(url)
@@ -106,13 +115,17 @@ class RemoteAgentLink(AgentLink):
         reason = "agent closed the connection"
         try:
             async for msg in self._ws:
-                if msg.type == aiohttp.WSMsgType.TEXT:
-                    deliver(msg.data)
-                elif msg.type == aiohttp.WSMsgType.BINARY:
-                    deliver({"type": "__binary__"})
-                elif msg.type == aiohttp.WSMsgType.ERROR:
+                if msg.type == aiohttp.WSMsgType.ERROR:
                     reason = f"agent socket error: {self._ws.exception()}"
                     break
+                try:
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        deliver(msg.data)
+                    elif msg.type == aiohttp.WSMsgType.BINARY:
+                        deliver({"type": "__binary__"})
+                except Exception:  # noqa: BLE001 - a handler bug must not drop the agent (and the call)
+                    log.exception("agent_message_handler_failed")
+                    self.send({"type": "error", "description": "the bridge failed to handle that message"})
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -143,7 +156,7 @@ class RemoteAgentLink(AgentLink):
                     del self._outbox[i]
                     break
             else:
-                log_event(log, "agent_outbox_full", logging.WARNING, url=self.url, limit=MAX_OUTBOX)
+                log_event(log, "agent_outbox_full", logging.WARNING, url=loggable_url(self.url), limit=MAX_OUTBOX)
                 return
         self._outbox.append(message)
         self._wake.set()

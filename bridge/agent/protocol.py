@@ -74,7 +74,7 @@ def _overrides(obj: dict[str, Any]) -> VoiceOverrides:
     if voice is not None and (not isinstance(voice, str) or not voice):
         raise AgentMessageError("voice must be a voice id string")
     language = obj.get("language")
-    if language is not None and language not in LANGUAGES:
+    if language is not None and (not isinstance(language, str) or language not in LANGUAGES):
         raise AgentMessageError(f"language {language!r} is not supported")
     speed = obj.get("speed")
     if speed is not None:

@@ -502,9 +502,12 @@ def encode_server_message(msg: ServerMessage, version: str | None = DEFAULT_VERS
 
 
 def _floats(value: Any) -> list[float]:
+    """All-or-nothing: one bad entry would shift every later time onto the wrong word."""
     if not isinstance(value, list):
         return []
-    return [float(v) for v in value if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return []
+    return [float(v) for v in value]
 
 
 def parse_server_message(obj: Any) -> ServerMessage:
