@@ -34,7 +34,9 @@ ENV_VARS: Final[dict[str, tuple[str | None, str]]] = {
     "CARTESIA_MAX_CONCURRENCY": ("64", "active contexts per process (plan limit / replicas)"),
     "CARTESIA_ADMISSION_TIMEOUT_S": ("5", "longest an utterance waits for a concurrency slot"),
     "CARTESIA_CONTEXT_TIMEOUT_S": ("30", "a context with no done after this many seconds is ended"),
-    "CARTESIA_MAX_BUFFER_DELAY_MS": ("0", "max_buffer_delay_ms sent with streamed text (0 = generate at once)"),
+    # Cartesia's guidance for streamed tokens is managed buffering (delay > 0); 0 is for whole phrases.
+    # A turn's last token (continue:false) or a flush still makes it generate at once.
+    "CARTESIA_MAX_BUFFER_DELAY_MS": ("300", "max_buffer_delay_ms sent with streamed text (0 = generate at once)"),
     "CARTESIA_SOCKET_MAX_AGE_S": ("240", "replace a Cartesia socket idle this long (Cartesia closes at 300 s)"),
     "MAX_CALLS": ("500", "concurrent calls per process; more get a polite refusal"),
     "PLAYOUT_LEAD_MS": ("300", "audio sent ahead of what the caller has heard, at most"),
@@ -77,7 +79,7 @@ class Config:
     cartesia_max_concurrency: int = 64
     cartesia_admission_timeout_s: float = 5.0
     cartesia_context_timeout_s: float = 30.0
-    cartesia_max_buffer_delay_ms: int = 0
+    cartesia_max_buffer_delay_ms: int = 300
     cartesia_socket_max_age_s: float = 240.0
     max_calls: int = 500
     playout_lead_ms: int = 300
