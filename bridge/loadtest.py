@@ -16,7 +16,15 @@ built-in demo agent (or ``--agent-url``):
 * ``conversation``: greeting, then a DTMF digit (read back) after a pause of
   0.3-1.0 s each time the line goes quiet;
 * ``barge-in``: greeting, DTMF 9, and 1-2 s after its audio starts the caller
-  talks for 0.6 s (loud inbound frames) so the bridge's VAD clears.
+  talks for 0.6 s (loud inbound frames) so the bridge's VAD clears;
+* ``idle``: greeting only, then the call stays connected (inbound audio every
+  20 ms, nothing to say): for the memory of an idle call.
+
+Capacity runs: ``--bridge-cpus`` / ``--load-cpus`` pin the bridge and this
+process (emulator + callers) to CPU sets (``taskset``; ``sched_setaffinity``
+when it is missing); ``--caller-procs K`` spreads the simulated callers over K
+worker processes (the emulator, sampler and analysis stay here; workers send
+back each call's record when done).
 
 Definitions used in the report (all measured at the simulated caller):
 
@@ -50,10 +58,13 @@ import contextlib
 import hashlib
 import json
 import math
+import multiprocessing
 import os
+import pickle
 import random
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,9 +79,9 @@ import aiohttp
 
 from metrics.scrape import parse_samples, summarize, value
 from telephony.media import FRAME_BYTES, MULAW_SILENCE
-from telephony.simulator import SimulatedCall
+from telephony.simulator import CallRecord, SimulatedCall
 
-SCENARIOS: Final = ("talk", "conversation", "barge-in")
+SCENARIOS: Final = ("talk", "conversation", "barge-in", "idle")
 DEFAULT_EMULATOR_ARGS: Final = "--ttfb-ms 90 --rtf 0.25 --jitter-ms 10"
 VOICE_ID: Final = "5b0f2a52-7e3c-4c1a-9d5e-0c7a1e5f7a01"
 GREETING: Final = "Hello! You are connected to the media bridge load test."
@@ -217,6 +228,14 @@ def split_utterances(stream: bytes, clear_offsets: list[int], index: AudioIndex)
 
 
 @dataclass
+class RecordedCall:
+    """A finished call's record, as a caller worker process sends it back."""
+
+    record: CallRecord
+
+
+
+@dataclass
 class CallResult:
     index: int
     call_sid: str = ""
@@ -229,7 +248,7 @@ class CallResult:
     barge_in_s: list[float] = field(default_factory=list)
     no_response: int = 0
     live_ttfa: list[float] = field(default_factory=list)  # rough, for the progress line
-    call: SimulatedCall | None = None
+    call: SimulatedCall | RecordedCall | None = None
     # filled by analysis
     ttfa_s: list[tuple[str, float]] = field(default_factory=list)
     underruns: list[float] = field(default_factory=list)
@@ -321,6 +340,22 @@ async def _wait(pred: Any, until: float, interval: float = 0.02) -> bool:
     return bool(pred())
 
 
+async def _wait_quiet(call: SimulatedCall, until: float) -> bool:
+    """Until the line is quiet (``_quiet``) or closed; sleeps to the moment it
+    could next be quiet instead of polling."""
+    arr = call.record.arrivals
+    while True:
+        if call.closed.is_set():
+            return True
+        now = time.monotonic()
+        quiet_at = max(call.ear.buffer_end, arr[-1][0] if arr else 0.0) + QUIET_S
+        if now > quiet_at:
+            return True
+        if now >= until:
+            return False
+        await asyncio.sleep(min(quiet_at, until) - now + 0.001)
+
+
 def _quiet(call: SimulatedCall) -> bool:
     now = time.monotonic()
     arr = call.record.arrivals
@@ -352,8 +387,11 @@ async def run_scenario(name: str, call: SimulatedCall, res: CallResult, end_at: 
             res.no_response += 1
     elif call.record.arrivals and res.t_started is not None:
         res.live_ttfa.append(call.record.arrivals[0][0] - res.t_started)
+    if name == "idle":
+        await _wait(closed, end_at, 0.25)
+        return
     while time.monotonic() < end_at and not closed():
-        if not await _wait(lambda: _quiet(call) or closed(), end_at):
+        if not await _wait_quiet(call, end_at):
             return
         if closed():
             return
@@ -403,6 +441,11 @@ class Options:
     bridge_env: dict[str, str] = field(default_factory=dict)
     sample_interval_s: float = 1.0
     progress: bool = True
+    #: Simulated callers spread over this many worker processes (1: in this process).
+    caller_procs: int = 1
+    #: CPU sets ("0", "0,1", "2-3") for the bridge process and for this process (+ workers).
+    bridge_cpus: str | None = None
+    load_cpus: str | None = None
     #: Test hook: awaited with the LoadTest once all calls have started their ramp.
     during: Any = None
 
@@ -410,13 +453,21 @@ class Options:
 class BridgeProcess:
     """``media-bridge serve`` as a child process, logs to ``log_path``."""
 
-    def __init__(self, port: int, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, port: int, env: dict[str, str], log_path: Path, cpus: set[int] | None = None) -> None:
         self.port = port
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115
+        cmd = [sys.executable, "-m", "bridge.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        preexec: Any = None
+        if cpus:
+            taskset = shutil.which("taskset")
+            if taskset:
+                cmd = [taskset, "-c", ",".join(str(c) for c in sorted(cpus)), *cmd]  # execs: same pid
+            else:
+                def preexec() -> None:
+                    os.sched_setaffinity(0, cpus)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec,
         )
 
     @property
@@ -476,6 +527,55 @@ def _log_summary(path: Path) -> dict[str, Any]:
             "non_json_lines": other, "path": str(path)}
 
 
+def parse_cpus(spec: str) -> set[int]:
+    """``"0"``, ``"0,2"``, ``"1-3"`` -> a CPU set; ValueError when empty or malformed."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise ValueError(f"bad CPU list {spec!r}") from None
+        if a < 0 or b < a:
+            raise ValueError(f"bad CPU list {spec!r}")
+        cpus.update(range(a, b + 1))
+    if not cpus:
+        raise ValueError(f"empty CPU list {spec!r}")
+    return cpus
+
+
+def _caller_worker(opts: Options, base_url: str, public_url: str, auth_token: str | None, t0: float,
+                   indices: list[int], timeout: float, out_path: str) -> None:
+    """Worker process: run the calls ``indices`` on the shared timeline ``t0``
+    (``time.monotonic`` is system-wide), pickle their results to ``out_path``."""
+    from bridge.logs import configure_logging
+
+    configure_logging("WARNING")
+    lt = LoadTest(opts)
+    lt.base_url, lt.public_url, lt.auth_token, lt.t0 = base_url, public_url, auth_token, t0
+    try:
+        import uvloop
+
+        loop_factory: Any = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        timed_out = runner.run(lt._run_calls(indices, timeout))
+    out = []
+    for i in indices:
+        r = lt.results[i]
+        if r.call is not None:
+            r.call = RecordedCall(r.call.record)
+        out.append(r)
+    tmp = out_path + ".tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump((timed_out, out), f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, out_path)
+
+
 def free_port() -> int:
     from bridge.demo import free_port as _fp
 
@@ -490,6 +590,10 @@ class LoadTest:
             raise ValueError(f"scenario must be one of {SCENARIOS}")
         if opts.calls < 1 or opts.duration_s <= 0 or opts.ramp_s < 0:
             raise ValueError("need --calls >= 1, --duration-s > 0, --ramp-s >= 0")
+        if opts.caller_procs < 1:
+            raise ValueError("need --caller-procs >= 1")
+        self.bridge_cpus = parse_cpus(opts.bridge_cpus) if opts.bridge_cpus else None
+        self.load_cpus = parse_cpus(opts.load_cpus) if opts.load_cpus else None
         self.opts = opts
         self.report_dir = Path(opts.report)
         self.results = [CallResult(i) for i in range(opts.calls)]
@@ -504,7 +608,8 @@ class LoadTest:
         self.metrics_text = ""
         self.metrics_before = ""
         self._fwd_p99_live: float | None = None
-        self._tester = None
+        self._workers: list[Any] = []  # multiprocessing.Process of the caller workers
+        self.rss_before_mb: float | None = None
 
     # -------------------------------------------------------------- set-up
 
@@ -545,7 +650,7 @@ class LoadTest:
             env["AGENT_URL"] = self.opts.agent_url
         env.update(self.opts.bridge_env)
         self.report_dir.mkdir(parents=True, exist_ok=True)
-        self.bridge = BridgeProcess(port, env, self.report_dir / "bridge.log")
+        self.bridge = BridgeProcess(port, env, self.report_dir / "bridge.log", self.bridge_cpus)
         await self.bridge.wait_ready(http)
 
     # ------------------------------------------------------------ sampling
@@ -565,6 +670,20 @@ class LoadTest:
         if proc:
             proc.cpu_percent(None)
         me.cpu_percent(None)
+        workers: list[Any] = []
+        for w in self._workers:
+            with contextlib.suppress(psutil.Error, ValueError):
+                wp = psutil.Process(w.pid)
+                wp.cpu_percent(None)
+                workers.append(wp)
+
+        def tester_cpu() -> float:
+            total = float(me.cpu_percent(None))
+            for wp in workers:
+                with contextlib.suppress(psutil.Error):
+                    total += float(wp.cpu_percent(None))
+            return round(total, 1)
+
         while True:
             await asyncio.sleep(self.opts.sample_interval_s)
             now = time.monotonic()
@@ -574,7 +693,7 @@ class LoadTest:
                 "active_calls": sum(1 for r in self.results if r.status == "active"),
                 "completed": sum(1 for r in self.results if r.status == "completed"),
                 "failed": sum(1 for r in self.results if r.status == "failed"),
-                "loadtester_cpu_percent": round(me.cpu_percent(None), 1),
+                "loadtester_cpu_percent": tester_cpu(),
                 "bridge_cpu_percent": None,
                 "bridge_rss_mb": None,
                 "bridge_active_calls": None,
@@ -587,6 +706,9 @@ class LoadTest:
             if text:
                 s = parse_samples(text)
                 sample["bridge_active_calls"] = value(s, "bridge_active_calls")
+                if self._workers and sample["bridge_active_calls"] is not None:
+                    # Call states live in the workers until they finish: count the bridge's calls.
+                    sample["active_calls"] = int(sample["bridge_active_calls"])
                 fwd = summarize(s, "bridge_forwarding_delay_seconds")
                 if fwd.p99 is not None:
                     self._fwd_p99_live = fwd.p99
@@ -667,10 +789,64 @@ class LoadTest:
 
     # ----------------------------------------------------------------- run
 
+    async def _run_calls(self, indices: list[int], timeout: float) -> bool:
+        """Run the calls ``indices`` in this process; True when the timeout cut them."""
+        conn = aiohttp.TCPConnector(limit=0, force_close=False)
+        async with aiohttp.ClientSession(connector=conn) as http:
+            tasks = [asyncio.create_task(self._one_call(http, self.results[i])) for i in indices]
+            _done, pending = await asyncio.wait(tasks, timeout=max(0.0, self.t0 + timeout - time.monotonic()))
+            if pending:
+                for t in pending:
+                    t.cancel()
+                await asyncio.wait(pending, timeout=10)
+            return bool(pending)
+
+    def _start_workers(self, timeout: float) -> None:
+        o = self.opts
+        ctx = multiprocessing.get_context("spawn")
+        wopts = Options(**{**o.__dict__, "during": None, "caller_procs": 1, "progress": False})
+        for w in range(o.caller_procs):
+            indices = list(range(w, o.calls, o.caller_procs))
+            if not indices:
+                continue
+            path = self.report_dir / f".callers-{w}.pickle"
+            path.unlink(missing_ok=True)
+            p = ctx.Process(target=_caller_worker, name=f"loadtest-callers-{w}", daemon=True,
+                            args=(wopts, self.base_url, self.public_url, self.auth_token, self.t0, indices, timeout,
+                                  str(path)))
+            p.start()
+            p.indices = indices  # type: ignore[attr-defined]
+            p.path = path  # type: ignore[attr-defined]
+            self._workers.append(p)
+
+    async def _wait_workers(self, timeout: float) -> bool:
+        deadline = self.t0 + timeout + 30.0  # + result pickling
+        while any(p.is_alive() for p in self._workers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        timed_out = False
+        for p in self._workers:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+            try:
+                w_timed_out, results = pickle.loads(p.path.read_bytes())  # noqa: S301 -- our own worker's file
+                p.path.unlink(missing_ok=True)
+            except (OSError, pickle.UnpicklingError, EOFError):
+                for i in p.indices:
+                    self._fail(self.results[i], "worker_error")
+                timed_out = True
+                continue
+            timed_out = timed_out or w_timed_out
+            for r in results:
+                self.results[r.index] = r
+        return timed_out
+
     async def run(self) -> dict[str, Any]:
         o = self.opts
         self.report_dir.mkdir(parents=True, exist_ok=True)
         timeout = o.timeout_s or (o.ramp_s + o.duration_s + 60.0)
+        if self.load_cpus:
+            os.sched_setaffinity(0, self.load_cpus)  # emulator, callers, and the workers (inherited)
         conn = aiohttp.TCPConnector(limit=0, force_close=False)
         started_wall = time.time()
         async with aiohttp.ClientSession(connector=conn) as http:
@@ -682,18 +858,23 @@ class LoadTest:
                     emu_url = await self._start_emulator()
                     await self._start_bridge(http, emu_url)
                 self.metrics_before = await self._scrape(http)
-                self.t0 = time.monotonic()
+                if self.bridge is not None:
+                    import psutil
+
+                    with contextlib.suppress(psutil.Error):
+                        self.rss_before_mb = round(psutil.Process(self.bridge.pid).memory_info().rss / 2**20, 2)
+                # Workers need a moment to start (imports): the shared timeline begins after it.
+                self.t0 = time.monotonic() + (2.0 if o.caller_procs > 1 else 0.0)
+                if o.caller_procs > 1:
+                    self._start_workers(timeout)
                 sampler = asyncio.create_task(self._sampler(http))
-                tasks = [asyncio.create_task(self._one_call(http, r)) for r in self.results]
                 during = None
                 if o.during is not None:
                     during = asyncio.create_task(o.during(self))
-                done, pending = await asyncio.wait(tasks, timeout=timeout)
-                if pending:
-                    self.timed_out = True
-                    for t in pending:
-                        t.cancel()
-                    await asyncio.wait(pending, timeout=10)
+                if o.caller_procs > 1:
+                    self.timed_out = await self._wait_workers(timeout)
+                else:
+                    self.timed_out = await self._run_calls(list(range(o.calls)), timeout)
                 if during is not None:
                     during.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -784,7 +965,7 @@ class LoadTest:
         steady = [s for s in self.samples if peak_active and s["active_calls"] >= 0.9 * peak_active
                   and s.get("bridge_cpu_percent") is not None]
         steady_cpu = [s["bridge_cpu_percent"] for s in steady]
-        rss_base = rss[0] if rss else None
+        rss_base = self.rss_before_mb if self.rss_before_mb is not None else (rss[0] if rss else None)
         rss_peak = max(rss) if rss else None
         cpu_mean_steady = sum(steady_cpu) / len(steady_cpu) if steady_cpu else None
         jitter = [j for r in res for j in r.jitter_s]
@@ -797,6 +978,7 @@ class LoadTest:
                 "agent_url": o.agent_url, "signed": bool(self.auth_token), "seed": o.seed,
                 "timeout_s": o.timeout_s or (o.ramp_s + o.duration_s + 60.0),
                 "cpu_count": os.cpu_count(),
+                "caller_procs": o.caller_procs, "bridge_cpus": o.bridge_cpus, "load_cpus": o.load_cpus,
             },
             "wall_s": round(time.monotonic() - self.t0, 3),
             "timed_out": self.timed_out,
@@ -837,6 +1019,7 @@ class LoadTest:
                 "tts_ttfb_ms": hist("bridge_tts_ttfb_seconds"),
                 "barge_in_latency_ms": hist("bridge_barge_in_latency_seconds"),
                 "mark_round_trip_ms": hist("bridge_mark_round_trip_seconds"),
+                "event_loop_lag_ms": hist("bridge_event_loop_lag_seconds"),
                 "active_calls_at_end": value(samples, "bridge_active_calls") if samples else None,
                 "playout_buffered_bytes_at_end": value(samples, "bridge_playout_buffered_bytes") if samples else None,
                 "cartesia_active_contexts_at_end":
@@ -854,7 +1037,8 @@ class LoadTest:
                                 "max": _r(max(cpu) if cpu else None), "steady_samples": len(steady_cpu),
                                 "note": "percent of one core (psutil), sampled every "
                                         f"{o.sample_interval_s:g} s; steady = samples with >= 90% of peak calls"},
-                "rss_mb": {"start": rss_base, "peak": rss_peak, "end": rss[-1] if rss else None},
+                "rss_mb": {"start": rss_base, "peak": rss_peak, "end": rss[-1] if rss else None,
+                           "before_calls": self.rss_before_mb},
                 "per_call": {
                     "peak_active_calls": peak_active,
                     "cpu_percent": _r(cpu_mean_steady / peak_active if cpu_mean_steady and peak_active else None, 4),
@@ -932,6 +1116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--bridge-env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for the local bridge (repeatable)")
+    p.add_argument("--caller-procs", type=int, default=1,
+                   help="spread the simulated callers over this many worker processes (default 1: in-process)")
+    p.add_argument("--bridge-cpus", default=None, metavar="LIST", help="pin the local bridge to these CPUs (e.g. 0)")
+    p.add_argument("--load-cpus", default=None, metavar="LIST",
+                   help="pin this process (emulator, callers, workers) to these CPUs (e.g. 1)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
 
@@ -950,7 +1139,8 @@ def options_from_args(ns: argparse.Namespace) -> Options:
     return Options(calls=ns.calls, ramp_s=ns.ramp_s, duration_s=ns.duration_s, scenario=ns.scenario,
                    target=ns.target, auth_token=ns.auth_token, public_url=ns.public_url,
                    emulator_args=ns.emulator_args, agent_url=ns.agent_url, report=ns.report,
-                   timeout_s=ns.timeout_s, seed=ns.seed, bridge_env=env, progress=not ns.quiet)
+                   timeout_s=ns.timeout_s, seed=ns.seed, bridge_env=env, progress=not ns.quiet,
+                   caller_procs=ns.caller_procs, bridge_cpus=ns.bridge_cpus, load_cpus=ns.load_cpus)
 
 
 def summary_lines(r: dict[str, Any]) -> list[str]:

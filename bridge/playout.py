@@ -148,9 +148,13 @@ class Playout:
         if self.buffered_bytes + len(audio) > self.max_buffer_bytes:
             self.overflow_bytes += len(audio)
             return False
-        if self._waiting_since is None and self.sent - self.played < self.lead_bytes:
-            self._waiting_since = now
         utt.pending += audio
+        # Forwarding delay starts when a whole frame can go out now: this is the
+        # head utterance and the lead has room. A sub-frame tail waiting for the
+        # next chunk, or audio queued behind another utterance, is not delay of ours.
+        if (self._waiting_since is None and len(utt.pending) >= FRAME_BYTES and self._utterances[0] is utt
+                and self.sent - self.played < self.lead_bytes):
+            self._waiting_since = now
         utt.received_bytes += len(audio)
         self.buffered_bytes += len(audio)
         return True

@@ -20,6 +20,7 @@ handoff data likewise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -45,6 +46,8 @@ from telephony.twiml import connect_stream, say_and_hangup
 log = logging.getLogger("bridge.server")
 
 PENDING_CALL_TTL_S: Final = 120.0
+#: The event-loop lag monitor sleeps this long and records the overshoot.
+LAG_PROBE_INTERVAL_S: Final = 0.1
 #: aiohttp's own hard cap; messages between 64 KiB and this are rejected by
 #: the codec with the call kept, beyond it aiohttp closes with 1009.
 WS_HARD_MAX_MSG: Final = 1024 * 1024
@@ -84,6 +87,7 @@ class BridgeServer:
         self.emulator: Any = None
         self.pool: CartesiaPool = None  # type: ignore[assignment]  # set in startup
         self.http: aiohttp.ClientSession | None = None
+        self._lag_probe: asyncio.Task[None] | None = None
         self.draining = False
         self.started = False
         self.call_control: Any = None
@@ -150,11 +154,23 @@ class BridgeServer:
             max_waiters=max(1, config.max_calls * 2),
             max_age_s=config.cartesia_socket_max_age_s,
         )
+        self.metrics.before_render.append(self.flush_call_metrics)
         self.pool.start()
+        self._lag_probe = asyncio.get_running_loop().create_task(self._probe_lag(), name="event-loop-lag")
         await self.pool.prewarm(5.0)
         self.started = True
         self.metrics.ready.set(1)
         log_event(log, "bridge_ready", cartesia_sockets=config.cartesia_pool_size)
+
+    async def _probe_lag(self) -> None:
+        """Event-loop lag: how late a 100 ms sleep wakes (one timer, ~10 wakeups/s)."""
+        observe = self.metrics.event_loop_lag.observe
+        interval = LAG_PROBE_INTERVAL_S
+        clock = asyncio.get_running_loop().time
+        while True:
+            t = clock()
+            await asyncio.sleep(interval)
+            observe(max(0.0, clock() - t - interval))
 
     async def _on_shutdown(self, _app: web.Application) -> None:
         for call in list(self.calls):
@@ -165,6 +181,11 @@ class BridgeServer:
 
     async def shutdown(self) -> None:
         self.metrics.ready.set(0)
+        if self._lag_probe is not None:
+            self._lag_probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag_probe
+            self._lag_probe = None
         if self.pool is not None:
             await self.pool.close()
         if self.http is not None:
@@ -200,6 +221,11 @@ class BridgeServer:
                 and self.pool.down_for_s < self.CARTESIA_DOWN_GRACE_S)
 
     # ------------------------------------------------------------- registry
+
+    def flush_call_metrics(self) -> None:
+        """Add every live call's batched frame/byte/message counts to the counters."""
+        for call in self.calls:
+            call.flush_metrics()
 
     def register(self, call: CallSession) -> None:
         self.calls.add(call)

@@ -83,6 +83,26 @@ class CallSession:
         self.started = False
         self.closed = False
         self.connected_at = time.monotonic()
+        # Per-frame counts, added to the shared counters by ``flush_metrics``
+        # (before every /metrics render and at call end): no locked inc per frame.
+        self._n_frames_in = 0
+        self._n_bytes_in = 0
+        self._n_media_out = 0
+        self._n_marks_out = 0
+
+    def flush_metrics(self) -> None:
+        m = self.metrics
+        if self._n_frames_in:
+            m.frames_in.inc(self._n_frames_in)
+            m.bytes_in.inc(self._n_bytes_in)
+            self._n_frames_in = self._n_bytes_in = 0
+        if self._n_media_out:
+            m.twilio_messages_out.labels(event="media").inc(self._n_media_out)
+            self._n_media_out = 0
+        if self._n_marks_out:
+            m.twilio_messages_out.labels(event="mark").inc(self._n_marks_out)
+            self._n_marks_out = 0
+        self.core.flush_metrics()
 
     # --------------------------------------------------------------- logging
 
@@ -129,8 +149,8 @@ class CallSession:
             if event.stream_sid != self.core.stream_sid:
                 self._bad_input("wrong_stream_sid", f"media for {event.stream_sid}")
                 return
-            self.metrics.frames_in.inc()
-            self.metrics.bytes_in.inc(len(event.payload))
+            self._n_frames_in += 1
+            self._n_bytes_in += len(event.payload)
             actions = self.core.on_media(event.payload, event.timestamp_ms, now)
             if actions:
                 self._execute(actions)
@@ -235,21 +255,20 @@ class CallSession:
 
     async def _write_loop(self) -> None:
         ws = self.ws
-        messages_out = self.metrics.twilio_messages_out
-        media_counter = messages_out.labels(event="media")
-        mark_counter = messages_out.labels(event="mark")
+        outbox = self._outbox
+        event = self._outbox_event
         try:
             while True:
-                await self._outbox_event.wait()
-                self._outbox_event.clear()
-                while self._outbox:
-                    text = self._outbox.popleft()
+                await event.wait()
+                event.clear()
+                while outbox:
+                    text = outbox.popleft()
                     await ws.send_str(text)
                     # '{"event":"media"' vs '{"event":"mark"': the 12th char tells.
                     if text[11] == "e":
-                        media_counter.inc()
+                        self._n_media_out += 1
                     elif text[11] == "a":
-                        mark_counter.inc()
+                        self._n_marks_out += 1
         except asyncio.CancelledError:
             raise
         except (ConnectionError, RuntimeError) as exc:
@@ -420,6 +439,7 @@ class CallSession:
             await self._release_everything()
         finally:
             # Whatever failed above, the call must not stay counted.
+            self.flush_metrics()
             if self.started:
                 self.metrics.active_calls.dec()
                 self.metrics.calls.labels(outcome=self.outcome).inc()

@@ -9,6 +9,7 @@ counters, gauges without suffix. Units are seconds and bytes.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -33,6 +34,10 @@ class BridgeMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        #: Called before every ``render``: hot paths count per call in plain ints
+        #: and add them to the counters here (and when the call ends), so a
+        #: scrape is exact without a locked ``inc`` per frame.
+        self.before_render: list[Callable[[], Any]] = []
 
         # Gauges: must return to zero when calls end.
         self.active_calls = Gauge("bridge_active_calls", "Calls with an open Twilio media stream", registry=r)
@@ -60,7 +65,8 @@ class BridgeMetrics:
         )
         self.forwarding_delay = Histogram(
             "bridge_forwarding_delay_seconds",
-            "Cartesia chunk received -> its first frame sent to Twilio, when not held back by the lead limit",
+            "Cartesia chunk received -> its first frame sent to Twilio, when not held back by the lead limit, "
+            "an unfinished frame or an earlier utterance",
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.mark_round_trip = Histogram(
@@ -73,6 +79,11 @@ class BridgeMetrics:
         )
         self.barge_in_latency = Histogram(
             "bridge_barge_in_latency_seconds", "Caller speech onset (or agent interrupt) -> Twilio clear sent",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.event_loop_lag = Histogram(
+            "bridge_event_loop_lag_seconds",
+            "Overshoot of a 100 ms sleep on the bridge's event loop (time other work held the loop)",
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.admission_wait = Histogram(
@@ -126,6 +137,8 @@ class BridgeMetrics:
         self.calls_refused = Counter("bridge_calls_refused", "Webhooks answered with a refusal", ["reason"], registry=r)
 
     def render(self) -> bytes:
+        for hook in self.before_render:
+            hook()
         return generate_latest(self.registry)
 
 

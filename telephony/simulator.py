@@ -218,6 +218,8 @@ class SimulatedCall:
         self._tasks: list[asyncio.Task[None]] = []
         self._speaking_until = 0.0
         self._send_lock = asyncio.Lock()
+        # Wakes the mark-echo task when a mark or clear arrives (it otherwise sleeps until the next mark is due).
+        self._mark_wake: asyncio.Future[None] | None = None
         self.closed = asyncio.Event()
         self.got_media = asyncio.Event()
 
@@ -354,12 +356,14 @@ class SimulatedCall:
                 elif isinstance(event, OutMark):
                     record.marks_received += 1
                     self.ear.mark(event.name, now)
+                    self._wake_marks()
                 elif isinstance(event, OutClear):
                     record.clears += 1
                     record.clear_offsets.append(len(record.received_audio))
                     record.event("clear")
                     for name in self.ear.clear(now):
                         await self._echo(name)
+                    self._wake_marks()
         finally:
             record.close_code = ws.close_code
             record.event("stream_closed", code=ws.close_code)
@@ -373,11 +377,28 @@ class SimulatedCall:
         except (ConnectionError, RuntimeError):
             pass
 
+    def _wake_marks(self) -> None:
+        fut = self._mark_wake
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
     async def _echo_marks(self) -> None:
+        """Echo each mark when the audio before it has played: sleeps until the
+        next mark is due (or a mark / clear arrives), no polling."""
+        loop = asyncio.get_running_loop()
+        pending = self.ear.pending_marks
         while not self.closed.is_set():
             for name in self.ear.due_marks(time.monotonic()):
                 await self._echo(name)
-            await asyncio.sleep(0.005)
+            fut: asyncio.Future[None] = loop.create_future()
+            self._mark_wake = fut
+            timer = loop.call_later(max(0.0, pending[0][0] - time.monotonic()), self._wake_marks) if pending else None
+            try:
+                await fut
+            finally:
+                self._mark_wake = None
+                if timer is not None:
+                    timer.cancel()
 
     async def hangup(self) -> None:
         """Caller hangs up: ``stop`` then close."""

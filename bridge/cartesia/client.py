@@ -167,8 +167,12 @@ class _Socket:
         try:
             while True:
                 try:
-                    timeout = None if self.contexts else max(0.1, max_age - (time.monotonic() - self.last_activity))
-                    raw = await asyncio.wait_for(ws.recv(), timeout)
+                    if self.contexts:
+                        # Busy: no idle deadline, so no wait_for (it would wrap every recv in a Task).
+                        raw = await ws.recv()
+                    else:
+                        timeout = max(0.1, max_age - (time.monotonic() - self.last_activity))
+                        raw = await asyncio.wait_for(ws.recv(), timeout)
                 except TimeoutError:
                     if not self.contexts and time.monotonic() - self.last_activity >= max_age:
                         return "max_age"

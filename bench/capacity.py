@@ -1,0 +1,142 @@
+"""Capacity of one bridge process on one core (issue 8).
+
+For each N in ``--calls`` it runs ``media-bridge loadtest`` with the bridge
+pinned to ``--bridge-cpu`` (``taskset``) and the emulator + simulated callers
+pinned to ``--load-cpus`` (split over ``--caller-procs`` worker processes),
+``talk`` scenario (every call hears continuous speech and sends inbound audio
+every 20 ms), then, unless ``--no-idle``, a short ``idle`` run (greeting
+"Hi.", then silence) for the memory of an idle call. It prints one table:
+
+* bridge CPU %: mean of the steady samples (>= 90 % of the calls active), % of one core;
+* fwd p50/p99: ``bridge_forwarding_delay_seconds`` (sendable audio -> sent to Twilio), ms;
+* underruns / mismatches: at the simulated callers (exact, against the emulator's audio);
+* lag p99: ``bridge_event_loop_lag_seconds`` (overshoot of a 100 ms sleep), ms;
+* KB/call: bridge RSS growth (peak - before the first call) / calls, speaking and idle;
+* CPU ms/call-s: bridge CPU time per second of call (peers.md (d): pipecat 44-46, bare aiohttp floor 1.2);
+* TTFA p50: trigger -> first media at the caller, ms (emulator TTFB is ``--ttfb-ms``, no jitter);
+* bridge add ms: mean(text -> first frame sent) - mean(text -> first Cartesia chunk), the bridge's own share;
+* load CPU %: emulator + callers (to see that the load side was not the bottleneck).
+
+Every run is bounded (``--ramp-s + --duration-s + 60 s``). Reports land in
+``--out/<N>/report.json``; the table also goes to ``--out/table.md``.
+
+    python bench/capacity.py --calls 50,100,200,300,400
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("calls", "bridge CPU %", "CPU ms/call-s", "fwd p50 ms", "fwd p99 ms", "underruns", "mismatches",
+           "lag p99 ms", "KB/call speaking", "KB/call idle", "TTFA p50 ms", "bridge add ms", "load CPU %", "completed")
+
+
+def run_loadtest(n: int, scenario: str, out: Path, args: argparse.Namespace, extra_env: list[str]) -> dict[str, Any]:
+    procs = args.caller_procs or max(1, min(4, (n + 99) // 100))
+    cmd = [
+        sys.executable, "-m", "bridge.cli", "loadtest", "--calls", str(n), "--scenario", scenario,
+        "--ramp-s", str(args.ramp_s), "--duration-s", str(args.duration_s if scenario == "talk" else args.idle_s),
+        "--bridge-cpus", args.bridge_cpu, "--load-cpus", args.load_cpus, "--caller-procs", str(procs),
+        "--emulator-args", f"--ttfb-ms {args.ttfb_ms:g} --rtf {args.rtf:g} --jitter-ms 0",
+        "--report", str(out), "--quiet",
+        "--timeout-s", str(args.ramp_s + (args.duration_s if scenario == "talk" else args.idle_s) + 60),
+    ]
+    for e in extra_env:
+        cmd += ["--bridge-env", e]
+    t = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.ramp_s + args.duration_s + 240)
+    report_path = out / "report.json"
+    if not report_path.exists():
+        raise RuntimeError(f"loadtest N={n} {scenario} produced no report (rc {proc.returncode}): {proc.stderr[-2000:]}")
+    report: dict[str, Any] = json.loads(report_path.read_text())
+    report["_wall_s"] = round(time.monotonic() - t, 1)
+    return report
+
+
+def row(n: int, talk: dict[str, Any], idle: dict[str, Any] | None) -> dict[str, Any]:
+    bm = talk["bridge_metrics"]
+    cpu = talk["bridge"]["cpu_percent"]["mean_steady"]
+    t2ff, ttfb = bm["text_to_first_frame_ms"]["mean"], bm["tts_ttfb_ms"]["mean"]
+    return {
+        "calls": n,
+        "bridge CPU %": cpu,
+        "CPU ms/call-s": round(cpu * 10 / n, 2) if cpu is not None else None,
+        "fwd p50 ms": bm["forwarding_delay_ms"]["p50"],
+        "fwd p99 ms": bm["forwarding_delay_ms"]["p99"],
+        "underruns": talk["caller"]["underruns"]["count"],
+        "mismatches": talk["integrity"]["mismatches"],
+        "lag p99 ms": bm.get("event_loop_lag_ms", {}).get("p99"),
+        "KB/call speaking": talk["bridge"]["per_call"]["rss_kb"],
+        "KB/call idle": idle["bridge"]["per_call"]["rss_kb"] if idle else None,
+        "TTFA p50 ms": talk["caller"]["ttfa_ms"]["p50"],
+        # Bridge's own share of text -> first frame: mean(text->first frame) - mean(text->first chunk), exact
+        # from the histograms' sums.
+        "bridge add ms": round(t2ff - ttfb, 3) if t2ff is not None and ttfb is not None else None,
+        "load CPU %": talk["loadtester"]["cpu_percent_mean"],
+        "completed": f"{talk['calls']['completed']}/{n}",
+    }
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--calls", default="50,100,200,300,400", help="comma-separated call counts")
+    p.add_argument("--ramp-s", type=float, default=10.0)
+    p.add_argument("--duration-s", type=float, default=20.0, help="talk: each call lasts this long")
+    p.add_argument("--idle-s", type=float, default=6.0, help="idle run: each call lasts this long")
+    p.add_argument("--no-idle", action="store_true", help="skip the idle-memory runs")
+    p.add_argument("--bridge-cpu", default="0")
+    p.add_argument("--load-cpus", default="1")
+    p.add_argument("--caller-procs", type=int, default=0, help="caller worker processes (default: 1 per 100 calls, <= 4)")
+    # As in ../shared/docs/peers.md (d): 50 ms TTFB, speech at 2x real time.
+    p.add_argument("--ttfb-ms", type=float, default=50.0)
+    p.add_argument("--rtf", type=float, default=0.5)
+    p.add_argument("--bridge-env", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--out", default="out/capacity")
+    args = p.parse_args(argv)
+    ncpu = os.cpu_count() or 1
+    needed = {int(c) for part in (args.bridge_cpu, args.load_cpus) for c in part.replace("-", ",").split(",") if c}
+    if max(needed) >= ncpu:
+        p.error(f"CPUs {sorted(needed)} requested, this machine has {ncpu}")
+    if not shutil.which("taskset"):
+        print("note: taskset not found; pinning with sched_setaffinity", file=sys.stderr)
+    out = Path(args.out)
+    rows = []
+    for n in (int(x) for x in args.calls.split(",") if x.strip()):
+        talk = run_loadtest(n, "talk", out / str(n), args, args.bridge_env)
+        idle = None if args.no_idle else run_loadtest(n, "idle", out / f"{n}-idle", args,
+                                                       ["GREETING=Hi.", *args.bridge_env])
+        r = row(n, talk, idle)
+        rows.append(r)
+        print(f"N={n}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "calls")
+              + f" (wall {talk['_wall_s']} s)", file=sys.stderr, flush=True)
+    table = markdown(rows)
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
