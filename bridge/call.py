@@ -50,6 +50,9 @@ log = logging.getLogger("bridge.call")
 @dataclass(slots=True)  # not frozen: several per call every 100 ms (a frozen __init__ costs ~6x)
 class ToTwilio:
     text: str
+    #: Monotonic time the audio in this message became sendable (Cartesia chunk
+    #: received); the I/O layer observes forwarding delay when it writes it.
+    since: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +137,7 @@ class Utterance:
     word_offset_s: float = 0.0  # timeline position where the current context's audio starts
     skip_bytes: int = 0  # leading audio of the current context already played from the previous one
     pending_resume: bool = False
+    complete: bool = True  # false once speech failed part-way (error, lost, cut)
     first_failure: float | None = None  # start of the current run of failures (reset by progress)
     failures: int = 0  # resumes since the last audio progress
     held: bytearray = field(default_factory=bytearray)  # audio past the word-timestamp horizon
@@ -273,18 +277,16 @@ class CallCore:
         if not items:
             return
         nbytes = 0
+        since = self.playout.take_forward_start() if any(type(i) is bytes for i in items) else None
         for item in items:
             if isinstance(item, SendMark):
                 out.append(ToTwilio(encoder.mark(item.name)))
             else:
-                out.append(ToTwilio(encoder.media(item)))
+                out.append(ToTwilio(encoder.media(item), since if not nbytes else None))
                 nbytes += len(item)
         if nbytes:
             self.bytes_sent += nbytes
             self.frames_sent += nbytes // FRAME_BYTES
-            delay = self.playout.take_forward_delay(now)
-            if delay is not None:
-                self.metrics.forwarding_delay.observe(delay)
             for utt in self.utterances.values():
                 if utt.t_first_frame is None and utt.t_text is not None and utt.audio_bytes:
                     head = self.playout.utterance(utt.utterance_id)
@@ -338,8 +340,12 @@ class CallCore:
             for utterance_id, duration_ms in result.completed_utterances:
                 utt = self.utterances.pop(utterance_id, None)
                 if utt is not None:
-                    self._log("utterance_played", context_id=utterance_id, duration_ms=duration_ms)
-                    out.append(ToAgent(agent_proto.spoken_message(utt.text_sent, duration_ms, utterance_id)))
+                    self._log("utterance_played", context_id=utterance_id, duration_ms=duration_ms,
+                              complete=utt.complete)
+                    # Never report words the caller did not hear (pipecat's mistake).
+                    text = utt.text_sent if utt.complete else heard_words(utt.words, duration_ms)
+                    out.append(ToAgent(agent_proto.spoken_message(text, duration_ms, utterance_id,
+                                                                  complete=utt.complete)))
         elif result.status == "unknown":
             self.metrics.bad_input.labels(source="twilio", kind="unknown_mark").inc()
             self._log("unknown_mark", logging.WARNING, mark=name)
@@ -365,7 +371,9 @@ class CallCore:
             return self.interrupt("agent", now)
         if isinstance(msg, agent_proto.End):
             self._log("agent_end", handoff=msg.handoff_data is not None)
-            return [EndCall("agent_end", msg.handoff_data)]
+            # A turn left open would never finish playing: close it so its audio can end.
+            closing = self.speak("", last=True, now=now) if self.current is not None else []
+            return [*closing, EndCall("agent_end", msg.handoff_data)]
         ov = msg.overrides
         if ov.voice is not None:
             self.voice_id = ov.voice
@@ -520,6 +528,7 @@ class CallCore:
             utt.horizon_off = True
             self._release(utt, now, out)
             utt.done = True
+            utt.complete = False
             self.metrics.utterances_failed.labels(reason="cartesia_error").inc()
             self.playout.finish(utterance_id)
             self._forget_if_silent(utt)
@@ -586,6 +595,7 @@ class CallCore:
         utt.horizon_off = True
         self._release(utt, now, out)
         utt.done = True
+        utt.complete = False
         self.playout.finish(utterance_id)
         self._forget_if_silent(utt)
         if self.current is utt:
@@ -668,6 +678,7 @@ class CallCore:
 
     def _truncate(self, utt: Utterance, now: float) -> list[Action]:
         out: list[Action] = []
+        utt.complete = False
         if not utt.done:
             utt.done = True
             utt.cancelled = True
@@ -692,7 +703,8 @@ class CallCore:
         encoder = self.encoder
         playing = self.playout.playing_utterance()
         target = self.utterances.get(playing.utterance_id) if playing is not None else None
-        if source == "vad" and target is not None and not target.interruptible:
+        if source == "vad" and any(not u.interruptible for u in self.utterances.values()):
+            # Playing, queued or still being made: caller speech never cuts interruptible:false.
             return []
         if encoder is None or not self.is_speaking and self.current is None:
             return []

@@ -248,14 +248,12 @@ class Playout:
             out.append(self._new_mark(now, None))
         return out
 
-    def take_forward_delay(self, now: float) -> float | None:
-        """Seconds from audio becoming sendable to now, once per burst; call
-        right after a ``take`` that sent audio."""
+    def take_forward_start(self) -> float | None:
+        """When the audio about to be sent became sendable (once per burst), or
+        ``None``; call right before using ``take``'s audio."""
         since = self._waiting_since
         self._waiting_since = None
-        if since is None:
-            return None
-        return now - since
+        return since
 
     # ------------------------------------------------------------- feedback
 

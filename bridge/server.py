@@ -32,7 +32,15 @@ import orjson
 from aiohttp import web
 
 from bridge.agent.builtin import BuiltinAgentLink
-from bridge.agent.link import AgentLink, AgentUnavailable, Closed, Deliver, RemoteAgentLink, agent_url_allowed
+from bridge.agent.link import (
+    AgentLink,
+    AgentUnavailable,
+    Closed,
+    Deliver,
+    RemoteAgentLink,
+    agent_url_allowed,
+    loggable_url,
+)
 from bridge.call import CallSettings
 from bridge.cartesia.client import CartesiaPool
 from bridge.config import Config
@@ -88,6 +96,8 @@ class BridgeServer:
         self.pool: CartesiaPool = None  # type: ignore[assignment]  # set in startup
         self.http: aiohttp.ClientSession | None = None
         self._lag_probe: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()  # prewarm tasks; owned so none is lost
+        self.pending_call_ttl_s = PENDING_CALL_TTL_S
         self.draining = False
         self.started = False
         self.call_control: Any = None
@@ -181,6 +191,8 @@ class BridgeServer:
 
     async def shutdown(self) -> None:
         self.metrics.ready.set(0)
+        for task in list(self._background):
+            task.cancel()
         if self._lag_probe is not None:
             self._lag_probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -241,9 +253,18 @@ class BridgeServer:
 
     def take_call_info(self, call_sid: str) -> dict[str, Any]:
         info = self._pending_calls.pop(call_sid, None)
-        if info is None or time.monotonic() - info.get("_webhook_at", 0) > PENDING_CALL_TTL_S:
+        if info is None or time.monotonic() - info.get("_webhook_at", 0) > self.pending_call_ttl_s:
             return {}
         return info
+
+    def _expire_pending_calls(self) -> None:
+        """Forget webhooks whose stream never came (caller hung up while ringing)."""
+        cutoff = time.monotonic() - self.pending_call_ttl_s
+        while self._pending_calls:
+            oldest = next(iter(self._pending_calls.values()))
+            if oldest.get("_webhook_at", 0) > cutoff:
+                break
+            self._pending_calls.popitem(last=False)
 
     def store_handoff(self, call_sid: str, data: Any) -> None:
         self._remember(self._handoffs, call_sid, (time.monotonic(), data))
@@ -261,7 +282,7 @@ class BridgeServer:
         if requested:
             if not agent_url_allowed(requested, config.agent_url_allowlist):
                 self.metrics.agent_failures.labels(reason="not_allowlisted").inc()
-                raise AgentUnavailable(f"agent URL from call data is not allowlisted: {requested[:100]}")
+                raise AgentUnavailable(f"agent URL from call data is not allowlisted: {loggable_url(requested)[:100]}")
             url = requested
         link: AgentLink
         if url:
@@ -293,6 +314,7 @@ class BridgeServer:
         if not call_sid:
             self.metrics.webhooks.labels(result="bad_request").inc()
             raise web.HTTPBadRequest(text="CallSid is required")
+        self._expire_pending_calls()
         if not self.ready or len(self.calls) + len(self._pending_calls) >= self.config.max_calls:
             reason = "draining" if self.draining else ("not_ready" if not self.ready else "max_calls")
             self.metrics.calls_refused.labels(reason=reason).inc()
@@ -300,7 +322,9 @@ class BridgeServer:
             log_event(log, "call_refused", logging.WARNING, call_sid=call_sid, reason=reason)
             return web.Response(text=say_and_hangup(self.config.busy_line), content_type="text/xml")
         # Warm the pool while the phone rings: the first utterance pays no handshake.
-        asyncio.get_running_loop().create_task(self.pool.prewarm(2.0))
+        task = asyncio.get_running_loop().create_task(self.pool.prewarm(2.0), name="prewarm")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         params = {ours: form[theirs] for theirs, ours in FORWARDED_PARAMS.items() if form.get(theirs)}
         agent = request.query.get("agentUrl")
         if agent:
@@ -316,8 +340,11 @@ class BridgeServer:
                 action=self.config.public("/twilio/connect-action"),
             )
         except ValueError as exc:
+            # e.g. a <Parameter> too long for Twilio: the caller still gets a polite answer.
             self.metrics.webhooks.labels(result="bad_request").inc()
-            raise web.HTTPBadRequest(text=str(exc)) from None
+            self.metrics.calls_refused.labels(reason="bad_request").inc()
+            log_event(log, "call_refused", logging.WARNING, call_sid=call_sid, reason="bad_request", error=str(exc))
+            return web.Response(text=say_and_hangup(self.config.busy_line), content_type="text/xml")
         info: dict[str, Any] = {"_webhook_at": time.monotonic(), "session_id": call_sid}
         info.update({k: v for k, v in params.items() if k in ("from", "to", "direction")})
         self._remember(self._pending_calls, call_sid, info)

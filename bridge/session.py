@@ -70,6 +70,8 @@ class CallSession:
         self.core = CallCore(server.call_settings, server.metrics)
         self.agent: AgentLink | None = None
         self._outbox: deque[str] = deque()
+        self._queued = 0  # messages taken off the outbox so far (its head's sequence number)
+        self._timed: deque[tuple[int, float]] = deque()  # (sequence number, sendable since)
         self._outbox_event = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._leases: dict[str, ContextLease] = {}
@@ -230,11 +232,15 @@ class CallSession:
     def _execute(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, ToTwilio):
+                if action.since is not None:
+                    # Forwarding delay is observed when this message is actually written.
+                    self._timed.append((self._queued + len(self._outbox), action.since))
                 if len(self._outbox) >= MAX_TWILIO_OUTBOX:
                     self._log("twilio_outbox_full", logging.ERROR, limit=MAX_TWILIO_OUTBOX)
                     self.outcome = "twilio_stuck"
                     self.closed = True
                     self._outbox.clear()
+                    self._timed.clear()
                     asyncio.get_running_loop().create_task(self.ws.close())
                     return
                 self._outbox.append(action.text)
@@ -261,9 +267,15 @@ class CallSession:
             while True:
                 await event.wait()
                 event.clear()
+                timed = self._timed
+                observe = self.metrics.forwarding_delay.observe
                 while outbox:
                     text = outbox.popleft()
+                    seq = self._queued
+                    self._queued = seq + 1
                     await ws.send_str(text)
+                    if timed and timed[0][0] == seq:
+                        observe(time.monotonic() - timed.popleft()[1])
                     # '{"event":"media"' vs '{"event":"mark"': the 12th char tells.
                     if text[11] == "e":
                         self._n_media_out += 1
@@ -298,8 +310,8 @@ class CallSession:
         if lease is not None:
             try:
                 lease.send(request)
-            except ContextError as exc:
-                self._context_failed(utterance_id, str(exc))
+            except ContextError as exc:  # socket just died / queue full: transient, resume elsewhere
+                self._context_failed(utterance_id, str(exc), retry=True)
             return
         pending = self._pending.get(utterance_id)
         if pending is None:
@@ -333,7 +345,7 @@ class CallSession:
             try:
                 lease.send(request)
             except ContextError as exc:
-                self._context_failed(utterance_id, str(exc))
+                self._context_failed(utterance_id, str(exc), retry=True)
                 return
 
     def _cancel_cartesia(self, utterance_id: str) -> None:
@@ -356,25 +368,26 @@ class CallSession:
         self._deadlines.pop(utterance_id, None)
         timeout = self.server.config.cartesia_context_timeout_s
         quiet = time.monotonic() - self._last_heard.get(utterance_id, 0.0)
-        if quiet < timeout and utterance_id in self._leases:
-            # Still producing: check again when it could next be overdue.
+        waiting = utterance_id in self._admissions  # admission has its own deadline; check again after
+        if waiting or (quiet < timeout and utterance_id in self._leases):
+            # Still producing (or not yet admitted): check again when it could next be overdue.
             self._deadlines[utterance_id] = asyncio.get_running_loop().call_later(
-                timeout - quiet, self._context_deadline, utterance_id)
+                timeout if waiting else timeout - quiet, self._context_deadline, utterance_id)
             return
         lease = self._leases.pop(utterance_id, None)
         if lease is None:
             return
         lease.cancel()
         self.metrics.context_timeouts.inc()
-        self.metrics.utterances_failed.labels(reason="timeout").inc()
-        self._context_failed(utterance_id, "no done from Cartesia before the context deadline")
+        # Resume what is missing on a new context (or finish, if every word already arrived).
+        self._context_failed(utterance_id, "no done from Cartesia before the context deadline", retry=True)
 
-    def _context_failed(self, utterance_id: str, reason: str) -> None:
+    def _context_failed(self, utterance_id: str, reason: str, *, retry: bool = False) -> None:
         lease = self._leases.pop(utterance_id, None)
         if lease is not None:
             lease.cancel()
         self._drop_deadline(utterance_id)
-        self._execute(self.core.on_context_lost(utterance_id, reason, time.monotonic()))
+        self._execute(self.core.on_context_lost(utterance_id, reason, time.monotonic(), retry=retry))
 
     # ContextListener
     def on_cartesia_message(self, msg: ServerMessage, received_at: float) -> None:

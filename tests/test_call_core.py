@@ -132,7 +132,8 @@ def test_spoken_is_sent_when_the_end_mark_is_echoed() -> None:
     out = []
     for n in names:
         out += core.on_mark(n, 0.2)
-    assert agent(out) == [{"type": "spoken", "text": "all of it", "durationMs": 100, "utteranceId": utt}]
+    assert agent(out) == [{"type": "spoken", "text": "all of it", "durationMs": 100, "utteranceId": utt,
+                           "complete": True}]
     assert core.utterances == {}
 
 
@@ -179,3 +180,36 @@ def test_bad_agent_messages_get_an_error_back() -> None:
                 '{"type":"text","token":"hi","language":["en"]}', '{"type":"config","language":{}}']:
         out = core.on_agent_message(raw, 0.0)
         assert agent(out)[0]["type"] == "error" and agent(out)[0]["description"]
+
+
+def test_spoken_after_a_cartesia_error_reports_only_what_was_heard() -> None:
+    from bridge.cartesia.protocol import ErrorMessage
+
+    core = make_core()
+    core.speak("one two three four", last=True, now=0.0)
+    ctx = next(iter(core.contexts))
+    core.on_cartesia(ctx, WordTimestamps(ctx, ["one", "two"], [0.0, 0.06], [0.05, 0.1]), 0.0)
+    core.on_cartesia(ctx, Chunk(ctx, base64.b64encode(b"\x11" * 800).decode()), 0.0)
+    core.on_cartesia(ctx, ErrorMessage(ctx, 500, "synthesis failed"), 0.0)
+    out = []
+    for name in list(core.playout._marks):  # noqa: SLF001
+        out += core.on_mark(name, 0.5)
+    spoken = [m for m in agent(out) if m["type"] == "spoken"]
+    assert spoken and spoken[0]["text"] == "one two" and spoken[0]["complete"] is False
+
+
+def test_vad_never_cuts_non_interruptible_speech_even_before_it_plays() -> None:
+    core = make_core(vad_enabled=True, vad_min_speech_ms=60, vad_hangover_ms=100)
+    core.speak("please hold", last=True, now=0.0, interruptible=False)
+    fired = []
+    for i in range(10):  # caller still talking while the agent's line is being generated
+        fired += core.on_media(SPEECH_FRAME, i * 20, i * 0.02)
+    assert not any(isinstance(a, ToTwilio) for a in fired)
+    assert not any(isinstance(a, CancelCartesia) for a in fired)
+
+
+def test_end_without_last_closes_the_open_utterance() -> None:
+    core = make_core()
+    core.speak("goodbye and ", last=False, now=0.0)
+    out = core.on_agent_message('{"type":"end"}', 0.0)
+    assert ("", False) in cartesia_texts(out), "the open context is closed so its audio can finish"

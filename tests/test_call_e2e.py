@@ -299,3 +299,18 @@ def test_twiml_is_built_by_the_twilio_library() -> None:
     assert parsed.action == "https://b.example.com/twilio/connect-action"
     with pytest.raises(ValueError):
         connect_stream(stream_url="wss://b/x?q=1", status_callback=None, parameters={})
+
+
+async def test_webhooks_whose_stream_never_comes_do_not_fill_the_bridge(make_bridge: BridgeFactory) -> None:
+    bridge = await make_bridge({"MAX_CALLS": "2"})
+    bridge.server.pending_call_ttl_s = 0.3
+    for _ in range(2):  # rang, then hung up before the stream opened
+        assert await bridge.call().place() is not None
+    refused = bridge.call()
+    assert await refused.place() is None, "within the TTL they still hold their places"
+    await asyncio.sleep(0.4)
+    late = bridge.call()
+    assert await late.place() is not None, "after the TTL they no longer count"
+    await late.connect()
+    assert await late.wait_until(lambda: late.record.media_bytes > 0, 5)
+    await late.hangup()

@@ -191,7 +191,7 @@ async def test_sigterm_drains_a_real_serve_process(tmp_path: object) -> None:
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http:
-            for _ in range(200):
+            for _ in range(400):
                 try:
                     async with http.get(base + "/readyz") as r:
                         if r.status == 200:
@@ -199,14 +199,20 @@ async def test_sigterm_drains_a_real_serve_process(tmp_path: object) -> None:
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.05)
+            else:
+                pytest.fail(f"serve never became ready; stderr: {proc.stderr.read() if proc.stderr else ''}")
             call = SimulatedCall(base, http, auth_token="drain-token")
             await call.place()
             await call.connect()
             assert await call.wait_until(lambda: call.record.media_bytes > 0, 10)
             proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
-            async with http.get(base + "/readyz") as r:
-                assert r.status == 503
+            for _ in range(50):  # the signal is handled on the bridge's loop: poll, do not guess
+                async with http.get(base + "/readyz") as r:
+                    if r.status == 503:
+                        break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("/readyz never turned 503 after SIGTERM")
             refused = SimulatedCall(base, http, auth_token="drain-token")
             assert await refused.place() is None, "a draining bridge refuses new calls politely"
             assert not call.closed.is_set(), "the call in progress keeps going during the grace period"

@@ -104,7 +104,8 @@ class RemoteAgentLink(AgentLink):
                 self._timeout,
             )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise AgentUnavailable(f"{type(exc).__name__}: {exc}") from None
+            # The exception text may repeat the URL with its query: name the error, log a clean URL.
+            raise AgentUnavailable(f"{type(exc).__name__} connecting to {loggable_url(self.url)}") from None
         self._tasks = [
             asyncio.create_task(self._read(deliver, closed), name="agent-read"),
             asyncio.create_task(self._write(closed), name="agent-write"),

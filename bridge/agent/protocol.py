@@ -167,8 +167,10 @@ def interrupt_message(heard: str, duration_ms: int, utterance_id: str | None = N
     return msg
 
 
-def spoken_message(text: str, duration_ms: int, utterance_id: str) -> dict[str, Any]:
-    return {"type": "spoken", "text": text, "durationMs": duration_ms, "utteranceId": utterance_id}
+def spoken_message(text: str, duration_ms: int, utterance_id: str, *, complete: bool = True) -> dict[str, Any]:
+    """``complete`` is false when speech failed part-way: ``text`` is then only the words heard."""
+    return {"type": "spoken", "text": text, "durationMs": duration_ms, "utteranceId": utterance_id,
+            "complete": complete}
 
 
 def error_message(description: str) -> dict[str, Any]:

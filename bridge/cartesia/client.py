@@ -89,6 +89,9 @@ class _Socket:
         self.last_activity = time.monotonic()
         self.supervisor: asyncio.Task[None] | None = None
         self.closing = False
+        self.rotating = False  # closed by us for idleness, to beat Cartesia's idle close
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._closer: asyncio.Task[None] | None = None
 
     @property
     def open(self) -> bool:
@@ -125,24 +128,31 @@ class _Socket:
             self.pool._health_changed()
             reason = "closed"
             writer = asyncio.create_task(self._write_loop(self.ws))
+            self.rotating = False
+            idle_timer = asyncio.get_running_loop().call_later(self.pool.max_age_s, self._idle_check)
             try:
                 reason = await self._read_loop(self.ws)
             finally:
                 writer.cancel()
+                idle_timer.cancel()
+                if self._idle_timer is not None:
+                    self._idle_timer.cancel()
+                    self._idle_timer = None
                 self.ready.clear()
                 self.pool._health_changed()
                 self.pool.metrics.cartesia_sockets.dec()
                 ws, self.ws = self.ws, None
-                await _quiet_close(ws)
                 self.outbox.clear()
+                # Tell owners before awaiting anything, so none sends into a dead socket meanwhile.
                 lost = list(self.contexts.items())
                 self.contexts.clear()
                 for context_id, listener in lost:
+                    self.pool._release_slot(context_id)
                     try:
                         listener.on_context_lost(context_id, reason)
                     except Exception:  # noqa: BLE001 - one owner's bug must not stop the others
                         log.exception("context_lost handler failed")
-                    self.pool._release_slot(context_id)
+                await _quiet_close(ws)
             if not self.closing:
                 self.pool.metrics.cartesia_reconnects.labels(reason=reason).inc()
                 log_event(log, "cartesia_socket_replaced", logging.WARNING if lost else logging.INFO,
@@ -161,22 +171,28 @@ class _Socket:
             log_event(log, "cartesia_write_failed", logging.WARNING, slot=self.slot, error=str(exc))
             await _quiet_close(ws)
 
+    def _idle_check(self) -> None:
+        """Timer: replace a socket idle for ``max_age_s`` (no contexts, no traffic)."""
+        ws = self.ws
+        if ws is None or self.closing:
+            return
+        idle = time.monotonic() - self.last_activity
+        max_age = self.pool.max_age_s
+        if not self.contexts and idle >= max_age:
+            self.rotating = True
+            self._closer = asyncio.get_running_loop().create_task(_quiet_close(ws), name=f"cartesia-rotate-{self.slot}")
+            return
+        # Busy sockets are re-checked often enough that idleness is caught within
+        # max_age + 30 s (240 + 30 < Cartesia's 300 s by default).
+        delay = max_age - idle if not self.contexts else min(30.0, max_age)
+        self._idle_timer = asyncio.get_running_loop().call_later(max(0.05, delay), self._idle_check)
+
     async def _read_loop(self, ws: ClientConnection) -> str:
         pool = self.pool
-        max_age = pool.max_age_s
         try:
             while True:
-                try:
-                    if self.contexts:
-                        # Busy: no idle deadline, so no wait_for (it would wrap every recv in a Task).
-                        raw = await ws.recv()
-                    else:
-                        timeout = max(0.1, max_age - (time.monotonic() - self.last_activity))
-                        raw = await asyncio.wait_for(ws.recv(), timeout)
-                except TimeoutError:
-                    if not self.contexts and time.monotonic() - self.last_activity >= max_age:
-                        return "max_age"
-                    continue
+                # No wait_for here (it wraps every recv in a Task): idleness is a timer's job.
+                raw = await ws.recv()
                 now = time.monotonic()
                 self.last_activity = now
                 try:
@@ -187,6 +203,8 @@ class _Socket:
                     continue
                 self._route(msg, now)
         except websockets.ConnectionClosed as exc:
+            if self.rotating:
+                return "max_age"
             if exc.rcvd is not None and exc.rcvd.reason:
                 return "idle_timeout" if "idle" in exc.rcvd.reason else "closed"
             return "connection_lost"
@@ -347,11 +365,15 @@ class CartesiaPool:
     async def prewarm(self, timeout_s: float = 5.0) -> bool:
         """Make sure every socket is connected; True when all are."""
         self.start()
-        try:
-            await asyncio.wait_for(asyncio.gather(*(s.ready.wait() for s in self._sockets)), timeout_s)
+        if all(s.open for s in self._sockets):
             return True
-        except TimeoutError:
-            return False
+        waits = [asyncio.ensure_future(s.ready.wait()) for s in self._sockets]
+        try:
+            done, pending = await asyncio.wait(waits, timeout=timeout_s)
+        finally:
+            for w in waits:
+                w.cancel()
+        return not pending
 
     @property
     def healthy(self) -> bool:
@@ -382,6 +404,7 @@ class CartesiaPool:
             if sock.ws is not None:
                 await _quiet_close(sock.ws)
         for waiter in self._waiters:
+            self.metrics.admission_queue.dec()
             if not waiter.done():
                 waiter.set_exception(AdmissionError("pool closed"))
         self._waiters.clear()
@@ -451,15 +474,19 @@ class CartesiaPool:
                 raise
             reserved = True
             self.metrics.admission_wait.observe(time.monotonic() - started)
-        sock = self._pick_socket()
-        if sock is None:
-            remaining = max(0.0, deadline_s - (time.monotonic() - started))
-            await self.prewarm(remaining)
+        try:
             sock = self._pick_socket()
             if sock is None:
-                if reserved:
-                    self._unreserve()
-                raise AdmissionError("no Cartesia socket connected")
+                remaining = max(0.0, deadline_s - (time.monotonic() - started))
+                await self.prewarm(remaining)
+                sock = self._pick_socket()
+                if sock is None:
+                    raise AdmissionError("no Cartesia socket connected")
+        except BaseException:
+            # Cancelled (barge-in, hang-up) or no socket: a reserved slot goes back, never leaks.
+            if reserved:
+                self._unreserve()
+            raise
         if reserved:
             self._reserved -= 1
         self._active.add(context_id)

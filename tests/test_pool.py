@@ -1,0 +1,77 @@
+"""The shared Cartesia pool against a real emulator: admission, reservation, outages."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bridge.cartesia.client import AdmissionError, CartesiaPool
+from bridge.cartesia.emulator import Emulator, EmulatorSettings
+from bridge.cartesia.protocol import ServerMessage
+from bridge.demo import free_port
+from metrics import BridgeMetrics
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.messages: list[ServerMessage] = []
+        self.lost: list[str] = []
+
+    def on_cartesia_message(self, msg: ServerMessage, received_at: float) -> None:
+        self.messages.append(msg)
+
+    def on_context_lost(self, context_id: str, reason: str) -> None:
+        self.lost.append(context_id)
+
+
+async def test_cancelled_waiter_during_outage_does_not_leak_a_slot() -> None:
+    port = free_port()
+    emulator = Emulator(EmulatorSettings())
+    await emulator.start("127.0.0.1", port)
+    pool = CartesiaPool(url=f"ws://127.0.0.1:{port}", api_key=None, version="2026-03-01", metrics=BridgeMetrics(),
+                        size=1, max_concurrency=1, backoff_max_s=0.2)
+    try:
+        assert await pool.prewarm(5)
+        first = await pool.open_context("c1", Listener(), 1.0)
+        waiter = asyncio.create_task(pool.open_context("c2", Listener(), 10.0))
+        await asyncio.sleep(0.05)
+        assert pool.waiting == 1
+        await emulator.stop()  # Cartesia goes away: no socket open
+        await asyncio.sleep(0.2)
+        first.abandon()  # the slot frees; the waiter wakes but finds no socket and waits for one
+        await asyncio.sleep(0.1)
+        waiter.cancel()  # e.g. the caller barged in
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        emulator = Emulator(EmulatorSettings())
+        await emulator.start("127.0.0.1", port)
+        assert await pool.prewarm(5)
+        lease = await pool.open_context("c3", Listener(), 2.0)  # the slot must still be there
+        assert pool.active_contexts == 1
+        lease.abandon()
+        assert pool.active_contexts == 0
+    finally:
+        await pool.close()
+        await emulator.stop()
+
+
+async def test_admission_deadline_raises_and_frees_the_queue() -> None:
+    emulator = Emulator(EmulatorSettings())
+    await emulator.start()
+    metrics = BridgeMetrics()
+    pool = CartesiaPool(url=str(emulator.url), api_key=None, version="2026-03-01", metrics=metrics, size=1,
+                        max_concurrency=1)
+    try:
+        await pool.prewarm(5)
+        lease = await pool.open_context("a", Listener(), 1.0)
+        with pytest.raises(AdmissionError):
+            await pool.open_context("b", Listener(), 0.2)
+        assert pool.waiting == 0
+        lease.cancel()
+        assert pool.active_contexts == 0
+        again = await pool.open_context("c", Listener(), 0.5)
+        again.abandon()
+    finally:
+        await pool.close()
+        await emulator.stop()
