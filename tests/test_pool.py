@@ -75,3 +75,29 @@ async def test_admission_deadline_raises_and_frees_the_queue() -> None:
     finally:
         await pool.close()
         await emulator.stop()
+
+
+async def test_idle_socket_is_replaced_before_cartesia_would_close_it_but_busy_one_is_not() -> None:
+    emulator = Emulator(EmulatorSettings(idle_timeout_s=5))
+    await emulator.start()
+    metrics = BridgeMetrics()
+    pool = CartesiaPool(url=str(emulator.url), api_key=None, version="2026-03-01", metrics=metrics, size=1,
+                        max_age_s=0.4)
+    try:
+        await pool.prewarm(5)
+        assert emulator.handshakes == 1
+        await asyncio.sleep(1.0)  # idle well past max_age: replaced by us, not closed by Cartesia
+        assert emulator.handshakes >= 2
+        rotations = metrics.cartesia_reconnects.labels(reason="max_age")._value.get()  # noqa: SLF001
+        assert rotations >= 1
+        assert await pool.prewarm(5)
+        listener = Listener()
+        lease = await pool.open_context("busy", listener, 1.0)
+        before = emulator.handshakes
+        await asyncio.sleep(1.0)  # a socket with a context in flight is left alone
+        assert emulator.handshakes == before
+        assert listener.lost == []
+        lease.abandon()
+    finally:
+        await pool.close()
+        await emulator.stop()
