@@ -35,7 +35,7 @@ from bridge.call import (
     ToCartesia,
     ToTwilio,
 )
-from bridge.cartesia.client import AdmissionError, ContextError, ContextLease
+from bridge.cartesia.client import AdmissionError, ContextError, ContextLease, SendQueueFull
 from bridge.cartesia.protocol import Done, ErrorMessage, GenerationRequest, ServerMessage
 from bridge.logs import log_event
 from telephony.media import (
@@ -311,7 +311,7 @@ class CallSession:
             try:
                 lease.send(request)
             except ContextError as exc:  # socket just died / queue full: transient, resume elsewhere
-                self._context_failed(utterance_id, str(exc), retry=True)
+                self._context_failed(utterance_id, str(exc), retry=True, backoff=isinstance(exc, SendQueueFull))
             return
         pending = self._pending.get(utterance_id)
         if pending is None:
@@ -345,7 +345,7 @@ class CallSession:
             try:
                 lease.send(request)
             except ContextError as exc:
-                self._context_failed(utterance_id, str(exc), retry=True)
+                self._context_failed(utterance_id, str(exc), retry=True, backoff=isinstance(exc, SendQueueFull))
                 return
 
     def _cancel_cartesia(self, utterance_id: str) -> None:
@@ -382,12 +382,13 @@ class CallSession:
         # Resume what is missing on a new context (or finish, if every word already arrived).
         self._context_failed(utterance_id, "no done from Cartesia before the context deadline", retry=True)
 
-    def _context_failed(self, utterance_id: str, reason: str, *, retry: bool = False) -> None:
+    def _context_failed(self, utterance_id: str, reason: str, *, retry: bool = False, backoff: bool = False) -> None:
         lease = self._leases.pop(utterance_id, None)
         if lease is not None:
             lease.cancel()
         self._drop_deadline(utterance_id)
-        self._execute(self.core.on_context_lost(utterance_id, reason, time.monotonic(), retry=retry))
+        self._execute(self.core.on_context_lost(utterance_id, reason, time.monotonic(), retry=retry,
+                                                backoff=backoff))
 
     # ContextListener
     def on_cartesia_message(self, msg: ServerMessage, received_at: float) -> None:

@@ -213,3 +213,22 @@ def test_end_without_last_closes_the_open_utterance() -> None:
     core.speak("goodbye and ", last=False, now=0.0)
     out = core.on_agent_message('{"type":"end"}', 0.0)
     assert ("", False) in cartesia_texts(out), "the open context is closed so its audio can finish"
+
+
+def test_congested_socket_resumes_after_a_backoff_with_the_text_that_came_meanwhile() -> None:
+    from bridge.call import ResumeLater
+
+    core = make_core()
+    core.speak("alpha beta ", last=False, now=0.0)
+    ctx = next(iter(core.contexts))
+    core.on_cartesia(ctx, WordTimestamps(ctx, ["alpha"], [0.0], [0.1]), 0.0)
+    core.on_cartesia(ctx, Chunk(ctx, base64.b64encode(b"\x11" * 800).decode()), 0.0)
+    out = core.on_context_lost(ctx, "Cartesia send queue full", 0.1, retry=True, backoff=True)
+    assert cartesia_texts(out) == [], "a congested socket gets no immediate retry"
+    later = [a for a in out if isinstance(a, ResumeLater)]
+    assert len(later) == 1 and later[0].delay_s > 0
+    # Text streamed while the resume waits is held, not sent to the lost context.
+    assert cartesia_texts(core.speak("gamma", last=True, now=0.15)) == []
+    resent = cartesia_texts(core.resume(later[0].utterance_id, 0.4))
+    assert resent == [("beta gamma", True), ("", False)], "only the words not yet received, once"
+    assert ctx not in core.contexts and len(core.contexts) == 1

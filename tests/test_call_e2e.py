@@ -189,7 +189,7 @@ async def test_bad_inputs_are_counted_and_the_call_continues(make_bridge: Bridge
     sid = call.record.stream_sid
     for kind, text in BAD_INPUTS:
         if kind == "invalid_base64":
-            text = '{"event":"media","streamSid":"%s","media":{"payload":"@@@not-base64","chunk":"1","timestamp":"1"}}' % sid
+            text = '{"event":"media","streamSid":"' + sid + '","media":{"payload":"@@@not-base64","chunk":"1","timestamp":"1"}}'
         elif kind == "wrong_stream_sid":
             text = '{"event":"media","streamSid":"MZ000","media":{"payload":"/w==","chunk":"1","timestamp":"1"}}'
         await call.send_raw(text)

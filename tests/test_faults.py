@@ -186,7 +186,8 @@ async def test_sigterm_drains_a_real_serve_process(tmp_path: object) -> None:
     env = dict(os.environ, PUBLIC_URL=f"http://127.0.0.1:{port}", DRAIN_GRACE_S="3", LOG_LEVEL="INFO",
                TWILIO_AUTH_TOKEN="drain-token", GREETING=" ".join(["draining"] * 40))
     env.pop("CARTESIA_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+    # Popen only forks (no wait): it does not block the loop the way run() would.
+    proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],  # noqa: ASYNC220
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

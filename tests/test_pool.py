@@ -101,3 +101,42 @@ async def test_idle_socket_is_replaced_before_cartesia_would_close_it_but_busy_o
     finally:
         await pool.close()
         await emulator.stop()
+
+
+async def test_one_call_flooding_text_cannot_fill_the_socket_for_its_neighbours() -> None:
+    from bridge.cartesia.client import MAX_PENDING_SENDS_PER_CALL, SendQueueFull
+    from bridge.cartesia.emulator.voices import DEFAULT_VOICE_ID
+    from bridge.cartesia.protocol import Done, GenerationRequest
+
+    emulator = Emulator(EmulatorSettings(ttfb_ms=5))
+    await emulator.start()
+    pool = CartesiaPool(url=str(emulator.url), api_key=None, version="2026-03-01", metrics=BridgeMetrics(),
+                        size=1, max_concurrency=4)
+    flooder, neighbour = Listener(), Listener()
+    try:
+        assert await pool.prewarm(5)
+        greedy = await pool.open_context("greedy", flooder, 1.0)
+        polite = await pool.open_context("polite", neighbour, 1.0)
+
+        def word(ctx: str, text: str, cont: bool = True) -> GenerationRequest:
+            return GenerationRequest(ctx, text, "sonic-3", DEFAULT_VOICE_ID, continue_=cont)
+
+        # Without yielding, nothing is written: the flooder's share fills up.
+        for _ in range(MAX_PENDING_SENDS_PER_CALL):
+            greedy.send(word("greedy", "la "))
+        with pytest.raises(SendQueueFull, match="for this call"):
+            greedy.send(word("greedy", "la "))
+        polite.send(word("polite", "Hello there.", cont=False))  # the neighbour still gets through
+        greedy.cancel()  # and a cancel is never refused
+        deadline = asyncio.get_running_loop().time() + 10
+        while not any(isinstance(m, Done) for m in neighbour.messages):
+            assert asyncio.get_running_loop().time() < deadline, f"never finished: {neighbour.messages[:3]}"
+            await asyncio.sleep(0.02)
+        assert neighbour.lost == [] and flooder.lost == []
+        # Once the queue drains, the flooder's share is free again.
+        again = await pool.open_context("greedy-2", flooder, 1.0)
+        again.send(word("greedy-2", "ok", cont=False))
+        again.cancel()
+    finally:
+        await pool.close()
+        await emulator.stop()

@@ -12,8 +12,12 @@
   routed to a newer utterance.
 * Each socket has one reader task (reads at full speed: a slow call never
   stalls the socket, its own playout buffer absorbs the audio) and one writer
-  task draining an outbound FIFO of at most ``MAX_PENDING_SENDS`` messages
-  (policy when full: the context's send fails with ``ContextError``).
+  task draining an outbound FIFO of at most ``MAX_PENDING_SENDS`` messages,
+  of which one call may hold ``MAX_PENDING_SENDS_PER_CALL`` (so an agent that
+  floods text cannot starve the calls sharing its socket). Policy when full:
+  the context's send fails with ``SendQueueFull`` and the call resumes that
+  utterance after a back-off, so a congested socket is not flooded with
+  retries. ``cancel`` messages are exempt (they only free capacity).
 * A socket that dies is reconnected with exponential backoff and jitter; its
   live contexts are reported to their owners via ``on_context_lost`` so they
   can re-send what was not yet heard. A socket idle for ``max_age_s`` is
@@ -54,6 +58,8 @@ _wire_log.setLevel(logging.INFO)
 
 TOMBSTONES: Final = 4096
 MAX_PENDING_SENDS: Final = 10_000
+#: One call's share of a socket's queue (messages); a normal call has a handful queued at most.
+MAX_PENDING_SENDS_PER_CALL: Final = 500
 #: Largest server message accepted (bytes); chunks are a few KiB.
 MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
 
@@ -74,6 +80,10 @@ class ContextError(RuntimeError):
     """A context could not be used (socket gone, send queue full)."""
 
 
+class SendQueueFull(ContextError):
+    """The socket's outbound queue is full: Cartesia is not reading. Retry later, not at once."""
+
+
 class _Socket:
     """One Cartesia WebSocket with its reader and writer tasks."""
 
@@ -83,7 +93,8 @@ class _Socket:
         self.ws: ClientConnection | None = None
         self.contexts: dict[str, ContextListener] = {}
         self.tombstones: OrderedDict[str, None] = OrderedDict()
-        self.outbox: deque[str] = deque()
+        self.outbox: deque[tuple[ContextListener | None, str]] = deque()
+        self.queued_by_owner: dict[ContextListener, int] = {}
         self.outbox_event = asyncio.Event()
         self.ready = asyncio.Event()
         self.last_activity = time.monotonic()
@@ -97,10 +108,19 @@ class _Socket:
     def open(self) -> bool:
         return self.ws is not None and self.ready.is_set()
 
-    def send(self, message: dict[str, Any]) -> None:
-        if len(self.outbox) >= MAX_PENDING_SENDS:
-            raise ContextError("Cartesia send queue full")
-        self.outbox.append(orjson.dumps(message).decode())
+    def send(self, message: dict[str, Any], owner: ContextListener | None = None) -> None:
+        """Queue one message. ``owner`` (the call) is held to its share of the
+        queue, so one call flooding text cannot starve its neighbours; a
+        message without owner (``cancel``) always goes, since it only ever
+        frees Cartesia capacity and is bounded by the contexts open."""
+        if owner is not None:
+            if len(self.outbox) >= MAX_PENDING_SENDS:
+                raise SendQueueFull("Cartesia send queue full")
+            queued = self.queued_by_owner.get(owner, 0)
+            if queued >= MAX_PENDING_SENDS_PER_CALL:
+                raise SendQueueFull("Cartesia send queue full for this call")
+            self.queued_by_owner[owner] = queued + 1
+        self.outbox.append((owner, orjson.dumps(message).decode()))
         self.outbox_event.set()
         self.last_activity = time.monotonic()
 
@@ -143,6 +163,7 @@ class _Socket:
                 self.pool.metrics.cartesia_sockets.dec()
                 ws, self.ws = self.ws, None
                 self.outbox.clear()
+                self.queued_by_owner.clear()
                 # Tell owners before awaiting anything, so none sends into a dead socket meanwhile.
                 lost = list(self.contexts.items())
                 self.contexts.clear()
@@ -164,7 +185,12 @@ class _Socket:
                 await self.outbox_event.wait()
                 self.outbox_event.clear()
                 while self.outbox:
-                    await ws.send(self.outbox.popleft())
+                    owner, text = self.outbox.popleft()
+                    if owner is not None:
+                        left = self.queued_by_owner.pop(owner) - 1
+                        if left:
+                            self.queued_by_owner[owner] = left
+                    await ws.send(text)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -254,12 +280,13 @@ async def _quiet_close(ws: ClientConnection | None) -> None:
 class ContextLease:
     """One admitted Cartesia context on one socket. Not reusable after release."""
 
-    __slots__ = ("context_id", "_socket", "_pool", "released")
+    __slots__ = ("context_id", "_socket", "_pool", "_owner", "released")
 
-    def __init__(self, pool: CartesiaPool, sock: _Socket, context_id: str) -> None:
+    def __init__(self, pool: CartesiaPool, sock: _Socket, context_id: str, owner: ContextListener) -> None:
         self._pool = pool
         self._socket = sock
         self.context_id = context_id
+        self._owner = owner
         self.released = False
 
     def send(self, request: GenerationRequest) -> None:
@@ -268,7 +295,7 @@ class ContextLease:
             raise ContextError(f"context {self.context_id} is closed")
         if not self._socket.open:
             raise ContextError("Cartesia socket is not connected")
-        self._socket.send(request.to_wire())
+        self._socket.send(request.to_wire(), self._owner)
 
     def cancel(self) -> None:
         """Send ``cancel``, tombstone the id (late chunks dropped), free the slot."""
@@ -492,4 +519,4 @@ class CartesiaPool:
         self._active.add(context_id)
         self.metrics.active_contexts.inc()
         sock.contexts[context_id] = listener
-        return ContextLease(self, sock, context_id)
+        return ContextLease(self, sock, context_id, listener)
