@@ -11,8 +11,8 @@ echoes marks, honours ``clear``), placed at ``i * ramp_s / calls`` and hung up
 (``stop``) ``duration_s`` after its stream started. Scenarios, driven by the
 built-in demo agent (or ``--agent-url``):
 
-* ``talk``: greeting, then DTMF 9 (a long passage) each time the line goes
-  quiet: the agent speaks nearly all the time;
+* ``talk``: greeting, then DTMF 9 (a long passage) each time the line has
+  been quiet for 1 s: the agent speaks nearly all the time;
 * ``conversation``: greeting, then a DTMF digit (read back) after a pause of
   0.3-1.0 s each time the line goes quiet;
 * ``barge-in``: greeting, DTMF 9, and 1-2 s after its audio starts the caller
@@ -88,6 +88,9 @@ GREETING: Final = "Hello! You are connected to the media bridge load test."
 PAD: Final = bytes([MULAW_SILENCE])
 #: Quiet this long (buffer played out, nothing new) = the agent has finished its turn.
 QUIET_S: Final = 0.12
+#: ``talk`` waits longer: a stall mid-passage (an underrun) taken for the end of the turn would
+#: queue another long passage behind the first and feed an overload with more load.
+TALK_QUIET_S: Final = 1.0
 #: A trigger not answered with audio within this long counts as "no_response".
 RESPONSE_TIMEOUT_S: Final = 8.0
 SCHEMA: Final = "media-bridge-loadtest/1"
@@ -340,15 +343,15 @@ async def _wait(pred: Any, until: float, interval: float = 0.02) -> bool:
     return bool(pred())
 
 
-async def _wait_quiet(call: SimulatedCall, until: float) -> bool:
-    """Until the line is quiet (``_quiet``) or closed; sleeps to the moment it
-    could next be quiet instead of polling."""
+async def _wait_quiet(call: SimulatedCall, until: float, quiet_s: float = QUIET_S) -> bool:
+    """Until the line has been quiet for ``quiet_s`` or is closed; sleeps to the
+    moment it could next be quiet instead of polling."""
     arr = call.record.arrivals
     while True:
         if call.closed.is_set():
             return True
         now = time.monotonic()
-        quiet_at = max(call.ear.buffer_end, arr[-1][0] if arr else 0.0) + QUIET_S
+        quiet_at = max(call.ear.buffer_end, arr[-1][0] if arr else 0.0) + quiet_s
         if now > quiet_at:
             return True
         if now >= until:
@@ -391,7 +394,7 @@ async def run_scenario(name: str, call: SimulatedCall, res: CallResult, end_at: 
         await _wait(closed, end_at, 0.25)
         return
     while time.monotonic() < end_at and not closed():
-        if not await _wait_quiet(call, end_at):
+        if not await _wait_quiet(call, end_at, TALK_QUIET_S if name == "talk" else QUIET_S):
             return
         if closed():
             return
