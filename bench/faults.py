@@ -93,7 +93,8 @@ async def run(calls: int, faults: list[str], context_timeout_s: float) -> int:
           f"context deadlines {int(value(samples, 'bridge_cartesia_context_timeouts_total'))}")
     print(f"  utterances resumed on a new context: socket_lost "
           f"{int(value(samples, 'bridge_cartesia_context_retries_total', reason='socket_lost'))}, "
-          f"429 {int(value(samples, 'bridge_cartesia_context_retries_total', reason='429'))}; "
+          f"429 {int(value(samples, 'bridge_cartesia_context_retries_total', reason='429'))}, "
+          f"no_done {int(value(samples, 'bridge_cartesia_context_retries_total', reason='no_done'))}; "
           f"given up: {int(value(samples, 'bridge_utterances_failed_total'))}")
     print(f"  calls lost: {lost_calls}   calls with audio lost or repeated: {calls - intact}   "
           f"audio heard: {heard_s:.1f} s   contexts left open: {leftover_contexts}")

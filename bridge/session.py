@@ -380,15 +380,17 @@ class CallSession:
         lease.cancel()
         self.metrics.context_timeouts.inc()
         # Resume what is missing on a new context (or finish, if every word already arrived).
-        self._context_failed(utterance_id, "no done from Cartesia before the context deadline", retry=True)
+        self._context_failed(utterance_id, "no done from Cartesia before the context deadline", retry=True,
+                             cause="no_done")
 
-    def _context_failed(self, utterance_id: str, reason: str, *, retry: bool = False, backoff: bool = False) -> None:
+    def _context_failed(self, utterance_id: str, reason: str, *, retry: bool = False, backoff: bool = False,
+                        cause: str = "socket_lost") -> None:
         lease = self._leases.pop(utterance_id, None)
         if lease is not None:
             lease.cancel()
         self._drop_deadline(utterance_id)
         self._execute(self.core.on_context_lost(utterance_id, reason, time.monotonic(), retry=retry,
-                                                backoff=backoff))
+                                                backoff=backoff, cause=cause))
 
     # ContextListener
     def on_cartesia_message(self, msg: ServerMessage, received_at: float) -> None:

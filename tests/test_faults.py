@@ -129,6 +129,8 @@ async def test_missing_done_is_ended_by_the_context_deadline(make_bridge: Bridge
     assert result == {"calls_lost": 0, "mismatches": 0}
     samples = await bridge.metrics()
     assert value(samples, "bridge_cartesia_context_timeouts_total") > 0
+    assert value(samples, "bridge_cartesia_context_retries_total", reason="no_done") > 0
+    assert value(samples, "bridge_cartesia_context_retries_total", reason="socket_lost") == 0
 
 
 async def test_delayed_chunks_keep_audio_intact(make_bridge: BridgeFactory) -> None:
