@@ -578,25 +578,23 @@ class CallCore:
                 and now - utt.first_failure < self.settings.retry_window_s)
 
     def on_context_lost(self, context_id: str, reason: str, now: float, *, retry: bool = False,
-                        backoff: bool = False, cause: str = "socket_lost") -> list[Action]:
+                        cause: str = "socket_lost") -> list[Action]:
         """The context producing an utterance is gone (socket died, admission
         failed, deadline). With ``retry``, the rest of the utterance is
-        re-sent on a new context: at once after a socket loss (a new socket
-        is clean), after a back-off with ``backoff`` (the socket is congested:
-        an immediate retry would only add to its queue); otherwise it ends
-        with what was received. ``cause`` labels the retry metric
-        (``socket_lost``, ``no_done``, ``congested``)."""
+        re-sent on a new context; otherwise it ends with what was received.
+        ``cause`` (``socket_lost``, ``no_done``, ``congested``) labels the
+        retry metric; a ``congested`` socket gets the retry after a back-off,
+        since an immediate one would only add to its queue."""
         utt = self.contexts.pop(context_id, None)
         if utt is None or utt.cancelled or utt.done:
             return []
         utterance_id = utt.utterance_id
         if retry and self._may_resume(utt, now):
             self._log("utterance_resuming", logging.WARNING, context_id=context_id, reason=reason)
-            if backoff:
-                self.metrics.context_retries.labels(reason="congested").inc()
+            self.metrics.context_retries.labels(reason=cause).inc()
+            if cause == "congested":
                 utt.pending_resume = True
                 return [ResumeLater(utterance_id, BACKOFF_BASE_S * 2 ** utt.resumes)]
-            self.metrics.context_retries.labels(reason=cause).inc()
             return self.resume(utterance_id, now)
         if retry:
             self.metrics.utterances_failed.labels(reason="retries_exhausted").inc()

@@ -60,6 +60,10 @@ MAX_PENDING_REQUESTS: Final = 10_000
 END_PLAYOUT_GRACE_S: Final = 15.0
 
 
+def _retry_cause(exc: ContextError) -> str:
+    return "congested" if isinstance(exc, SendQueueFull) else "socket_lost"
+
+
 class CallSession:
     """One Twilio media stream, from upgrade to close."""
 
@@ -311,7 +315,7 @@ class CallSession:
             try:
                 lease.send(request)
             except ContextError as exc:  # socket just died / queue full: transient, resume elsewhere
-                self._context_failed(utterance_id, str(exc), retry=True, backoff=isinstance(exc, SendQueueFull))
+                self._context_failed(utterance_id, str(exc), retry=True, cause=_retry_cause(exc))
             return
         pending = self._pending.get(utterance_id)
         if pending is None:
@@ -345,7 +349,7 @@ class CallSession:
             try:
                 lease.send(request)
             except ContextError as exc:
-                self._context_failed(utterance_id, str(exc), retry=True, backoff=isinstance(exc, SendQueueFull))
+                self._context_failed(utterance_id, str(exc), retry=True, cause=_retry_cause(exc))
                 return
 
     def _cancel_cartesia(self, utterance_id: str) -> None:
@@ -383,14 +387,13 @@ class CallSession:
         self._context_failed(utterance_id, "no done from Cartesia before the context deadline", retry=True,
                              cause="no_done")
 
-    def _context_failed(self, utterance_id: str, reason: str, *, retry: bool = False, backoff: bool = False,
+    def _context_failed(self, utterance_id: str, reason: str, *, retry: bool = False,
                         cause: str = "socket_lost") -> None:
         lease = self._leases.pop(utterance_id, None)
         if lease is not None:
             lease.cancel()
         self._drop_deadline(utterance_id)
-        self._execute(self.core.on_context_lost(utterance_id, reason, time.monotonic(), retry=retry,
-                                                backoff=backoff, cause=cause))
+        self._execute(self.core.on_context_lost(utterance_id, reason, time.monotonic(), retry=retry, cause=cause))
 
     # ContextListener
     def on_cartesia_message(self, msg: ServerMessage, received_at: float) -> None:

@@ -223,7 +223,7 @@ def test_congested_socket_resumes_after_a_backoff_with_the_text_that_came_meanwh
     ctx = next(iter(core.contexts))
     core.on_cartesia(ctx, WordTimestamps(ctx, ["alpha"], [0.0], [0.1]), 0.0)
     core.on_cartesia(ctx, Chunk(ctx, base64.b64encode(b"\x11" * 800).decode()), 0.0)
-    out = core.on_context_lost(ctx, "Cartesia send queue full", 0.1, retry=True, backoff=True)
+    out = core.on_context_lost(ctx, "Cartesia send queue full", 0.1, retry=True, cause="congested")
     assert cartesia_texts(out) == [], "a congested socket gets no immediate retry"
     later = [a for a in out if isinstance(a, ResumeLater)]
     assert len(later) == 1 and later[0].delay_s > 0
