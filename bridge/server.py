@@ -44,6 +44,7 @@ from bridge.agent.link import (
 from bridge.call import CallSettings
 from bridge.cartesia.client import CartesiaPool
 from bridge.config import Config
+from bridge.inline_ws import INLINE_RECEIVE, InlineWebSocketResponse
 from bridge.logs import log_event
 from bridge.session import CallSession
 from metrics import BridgeMetrics, metrics_handler
@@ -141,6 +142,10 @@ class BridgeServer:
     async def startup(self) -> None:
         config = self.config
         log_event(log, "bridge_starting", **config.summary())
+        if not INLINE_RECEIVE:
+            log_event(log, "inline_receive_unavailable", logging.WARNING,
+                      aiohttp=aiohttp.__version__,
+                      detail="Twilio messages take aiohttp's receive() path: correct, but more CPU per call")
         if not self.signatures.enforced:
             log_event(log, "SIGNATURES_NOT_ENFORCED", logging.WARNING,
                       detail="TWILIO_AUTH_TOKEN is unset: anyone can call the webhook and open media streams. "
@@ -384,7 +389,7 @@ class BridgeServer:
             self.metrics.signature_failures.labels(endpoint="media").inc()
             log_event(log, "signature_rejected", logging.WARNING, endpoint="media", remote=request.remote)
             raise web.HTTPForbidden(text="invalid X-Twilio-Signature")
-        ws = web.WebSocketResponse(max_msg_size=WS_HARD_MAX_MSG, compress=False, autoping=True)
+        ws = InlineWebSocketResponse(max_msg_size=WS_HARD_MAX_MSG, compress=False, autoping=True)
         await ws.prepare(request)
         session = CallSession(self, ws)
         await session.run()

@@ -6,9 +6,12 @@ context deadlines) and cancels them all in ``_finish``; gauges go back down.
 
 Limits:
 
-* Twilio outbound FIFO: bounded by the playout lead (media) plus marks and
-  ``clear``; a hard cap of ``MAX_TWILIO_OUTBOX`` messages ends the call as
-  stuck (the Twilio socket is not draining).
+* Twilio outbound: messages are written as soon as the state machine makes
+  them, all of one event in one transport write. While the transport holds
+  more than ``TWILIO_WRITE_HIGH_WATER`` bytes unsent they wait in a FIFO
+  instead (bounded by the playout lead plus marks and ``clear``); a hard cap
+  of ``MAX_TWILIO_OUTBOX`` messages ends the call as stuck (the Twilio socket
+  is not draining).
 * Per utterance, at most ``MAX_PENDING_REQUESTS`` Cartesia inputs wait for
   admission; beyond that the utterance fails and the agent is told.
 """
@@ -22,7 +25,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType
 
 from bridge.agent.link import AgentLink, AgentUnavailable
 from bridge.call import (
@@ -37,6 +40,7 @@ from bridge.call import (
 )
 from bridge.cartesia.client import AdmissionError, ContextError, ContextLease, SendQueueFull
 from bridge.cartesia.protocol import Done, ErrorMessage, GenerationRequest, ServerMessage
+from bridge.inline_ws import InlineWebSocketResponse
 from bridge.logs import log_event
 from telephony.media import (
     Connected,
@@ -55,6 +59,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("bridge.session")
 
 MAX_TWILIO_OUTBOX: Final = 5000
+#: Unsent bytes in the Twilio transport above which messages wait in the
+#: outbox, and below which writing resumes (checked every
+#: ``TWILIO_DRAIN_POLL_S``). Steady playout needs ~3 KB per 100 ms.
+TWILIO_WRITE_HIGH_WATER: Final = 64 * 1024
+TWILIO_WRITE_LOW_WATER: Final = 16 * 1024
+TWILIO_DRAIN_POLL_S: Final = 0.01
 MAX_PENDING_REQUESTS: Final = 10_000
 #: Longest a call waits for queued speech to finish playing before hanging up.
 END_PLAYOUT_GRACE_S: Final = 15.0
@@ -67,7 +77,7 @@ def _retry_cause(exc: ContextError) -> str:
 class CallSession:
     """One Twilio media stream, from upgrade to close."""
 
-    def __init__(self, server: BridgeServer, ws: web.WebSocketResponse) -> None:
+    def __init__(self, server: BridgeServer, ws: InlineWebSocketResponse) -> None:
         self.server = server
         self.ws = ws
         self.metrics = server.metrics
@@ -76,8 +86,9 @@ class CallSession:
         self._outbox: deque[str] = deque()
         self._queued = 0  # messages taken off the outbox so far (its head's sequence number)
         self._timed: deque[tuple[int, float]] = deque()  # (sequence number, sendable since)
-        self._outbox_event = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
+        self._drain_task: asyncio.Task[None] | None = None  # exists only while the transport is full
+        self._close_task: asyncio.Task[Any] | None = None
+        self._busy = False  # the read loop is handling a message: the inline path must queue behind it
         self._leases: dict[str, ContextLease] = {}
         self._pending: dict[str, list[GenerationRequest]] = {}
         self._admissions: dict[str, asyncio.Task[None]] = {}
@@ -122,11 +133,15 @@ class CallSession:
     # ------------------------------------------------------------ main loop
 
     async def run(self) -> None:
-        self._writer = asyncio.create_task(self._write_loop(), name="twilio-writer")
+        self.ws.set_sink(self._on_text_inline)
         try:
             async for msg in self.ws:
                 if msg.type == WSMsgType.TEXT:
-                    await self._on_text(msg.data)
+                    self._busy = True
+                    try:
+                        await self._on_text(msg.data)
+                    finally:
+                        self._busy = False
                 elif msg.type == WSMsgType.BINARY:
                     self._bad_input("binary_frame", f"{len(msg.data)} bytes")
                 elif msg.type == WSMsgType.ERROR:
@@ -139,7 +154,56 @@ class CallSession:
                 if self.started and self.outcome == "completed" and not self.closed:
                     self.outcome = "twilio_disconnected"
         finally:
+            self.ws.set_sink(None)
             await self._finish()
+
+    def _on_text_inline(self, data: str) -> bool:
+        """Media frames and mark echoes, handled in the socket's data callback
+        (no task wake-up per message). Anything else, anything malformed and
+        anything arriving while the read loop is busy returns ``False`` and
+        takes the read loop, which reports it."""
+        if self._busy or not self.started or self.closed:
+            return False
+        try:
+            event = parse_inbound(data)
+        except MediaError:
+            return False
+        kind = type(event)
+        if kind is not Media and kind is not MarkEcho:
+            return False
+        try:
+            if kind is Media:
+                self._on_media(event, time.monotonic())  # type: ignore[arg-type]
+            else:
+                self._on_mark_echo(event, time.monotonic())  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - a bug must end this call, not the socket's data callback
+            self.metrics.internal_errors.inc()
+            log_event(log, "call_internal_error", logging.ERROR, call_sid=self.core.call_sid,
+                      stream_sid=self.core.stream_sid, error=repr(exc)[:300], exc_info=exc)
+            self.outcome = "internal_error"
+            self.closed = True
+            self._close_soon()
+        return True
+
+    def _on_media(self, event: Media, now: float) -> None:
+        if event.stream_sid != self.core.stream_sid:
+            self._bad_input("wrong_stream_sid", f"media for {event.stream_sid}")
+            return
+        self._n_frames_in += 1
+        self._n_bytes_in += len(event.payload)
+        actions = self.core.on_media(event.payload, event.timestamp_ms, now)
+        if actions:
+            self._execute(actions)
+
+    def _on_mark_echo(self, event: MarkEcho, now: float) -> None:
+        if event.stream_sid != self.core.stream_sid:
+            self._bad_input("wrong_stream_sid", f"mark for {event.stream_sid}")
+            return
+        self._execute(self.core.on_mark(event.name, now))
+
+    def _close_soon(self) -> None:
+        if self._close_task is None:
+            self._close_task = asyncio.get_running_loop().create_task(self.ws.close(), name="twilio-close")
 
     async def _on_text(self, data: str) -> None:
         try:
@@ -152,20 +216,13 @@ class CallSession:
             if not self.started:
                 self._bad_input("media_before_start", "media received before start")
                 return
-            if event.stream_sid != self.core.stream_sid:
-                self._bad_input("wrong_stream_sid", f"media for {event.stream_sid}")
-                return
-            self._n_frames_in += 1
-            self._n_bytes_in += len(event.payload)
-            actions = self.core.on_media(event.payload, event.timestamp_ms, now)
-            if actions:
-                self._execute(actions)
+            self._on_media(event, now)
             return
         if isinstance(event, MarkEcho):
-            if not self.started or event.stream_sid != self.core.stream_sid:
+            if not self.started:
                 self._bad_input("wrong_stream_sid", f"mark for {event.stream_sid}")
                 return
-            self._execute(self.core.on_mark(event.name, now))
+            self._on_mark_echo(event, now)
             return
         if isinstance(event, Start):
             if self.started:
@@ -245,10 +302,9 @@ class CallSession:
                     self.closed = True
                     self._outbox.clear()
                     self._timed.clear()
-                    asyncio.get_running_loop().create_task(self.ws.close())
+                    self._close_soon()
                     return
                 self._outbox.append(action.text)
-                self._outbox_event.set()
             elif isinstance(action, ToCartesia):
                 self._send_cartesia(action.context_id, action.request)
             elif isinstance(action, CancelCartesia):
@@ -262,34 +318,50 @@ class CallSession:
                     self.agent.send(action.message)
             elif isinstance(action, EndCall):
                 self._end_call(action)
+        if self._outbox and self._drain_task is None:
+            self._flush_twilio()
 
-    async def _write_loop(self) -> None:
-        ws = self.ws
+    def _flush_twilio(self) -> None:
+        """Write the whole outbox in one transport write, unless the transport
+        is full: then a drain task writes it once the transport has room."""
         outbox = self._outbox
-        event = self._outbox_event
+        if self.ws.write_buffer_size > TWILIO_WRITE_HIGH_WATER:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain_then_flush(),
+                                                                      name="twilio-drain")
+            return
+        texts = list(outbox)
+        outbox.clear()
         try:
-            while True:
-                await event.wait()
-                event.clear()
-                timed = self._timed
-                observe = self.metrics.forwarding_delay.observe
-                while outbox:
-                    text = outbox.popleft()
-                    seq = self._queued
-                    self._queued = seq + 1
-                    await ws.send_str(text)
-                    if timed and timed[0][0] == seq:
-                        observe(time.monotonic() - timed.popleft()[1])
-                    # '{"event":"media"' vs '{"event":"mark"': the 12th char tells.
-                    if text[11] == "e":
-                        self._n_media_out += 1
-                    elif text[11] == "a":
-                        self._n_marks_out += 1
-        except asyncio.CancelledError:
-            raise
+            self.ws.send_texts(texts)
         except (ConnectionError, RuntimeError) as exc:
-            self._log("twilio_send_failed", logging.WARNING, error=str(exc))
+            if not self.closed:
+                self._log("twilio_send_failed", logging.WARNING, error=str(exc))
             self.closed = True
+            self._timed.clear()
+            return
+        end = self._queued + len(texts)
+        self._queued = end
+        timed = self._timed
+        if timed:
+            sent_at = time.monotonic()
+            observe = self.metrics.forwarding_delay.observe
+            while timed and timed[0][0] < end:
+                observe(sent_at - timed.popleft()[1])
+        for text in texts:
+            # '{"event":"media"' vs '{"event":"mark"': the 12th char tells.
+            if text[11] == "e":
+                self._n_media_out += 1
+            elif text[11] == "a":
+                self._n_marks_out += 1
+
+    async def _drain_then_flush(self) -> None:
+        try:
+            while self.ws.write_buffer_size > TWILIO_WRITE_LOW_WATER and not self.closed:
+                await asyncio.sleep(TWILIO_DRAIN_POLL_S)
+        finally:
+            self._drain_task = None
+        if not self.closed and self._outbox:
+            self._flush_twilio()
 
     # ------------------------------------------------------------- Cartesia
 
@@ -486,7 +558,8 @@ class CallSession:
         self._deadlines.clear()
         self._resumes.clear()
         self._last_heard.clear()
-        tasks = [t for t in (self._writer, self._end_task) if t is not None and t is not asyncio.current_task()]
+        tasks = [t for t in (self._drain_task, self._end_task, self._close_task)
+                 if t is not None and t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
         for task in tasks:

@@ -109,6 +109,9 @@ class BridgeMetrics:
             "bridge_signature_failures", "Requests refused for a bad X-Twilio-Signature", ["endpoint"], registry=r
         )
         self.calls = Counter("bridge_calls", "Ended calls by outcome", ["outcome"], registry=r)
+        self.internal_errors = Counter(
+            "bridge_internal_errors", "Calls ended by an unexpected exception in the bridge (a bug)", registry=r
+        )
         self.bad_input = Counter(
             "bridge_bad_input", "Rejected input by source and kind", ["source", "kind"], registry=r
         )

@@ -1,0 +1,182 @@
+"""The Twilio socket's fast path (bridge.inline_ws) over real sockets.
+
+Checks what the optimisation must not break: message order across the inline
+and queued paths, frame encoding at every length class, ping/pong and close
+handled by aiohttp, no data frame after close; and that a real call's media
+actually takes the inline path (so an aiohttp upgrade cannot silently drop it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import aiohttp
+import pytest
+import websockets
+from aiohttp import WSMsgType, web
+
+from bridge.inline_ws import INLINE_RECEIVE, InlineWebSocketResponse, frame_text
+from metrics.scrape import value
+
+from .conftest import BridgeFactory
+from .test_call_e2e import wait_for
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Harness:
+    """One aiohttp server whose handler holds its InlineWebSocketResponse."""
+
+    def __init__(self) -> None:
+        self.ws: InlineWebSocketResponse | None = None
+        self.ready = asyncio.Event()
+        self.go = asyncio.Event()  # the handler starts receive() only when set
+        self.received: list[str] = []
+        self.inline: list[str] = []
+        self.done = asyncio.Event()
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    def sink(self, text: str) -> bool:
+        if text.startswith("x"):
+            self.inline.append(text)
+            return True
+        return False
+
+    async def handler(self, request: web.Request) -> web.StreamResponse:
+        ws = InlineWebSocketResponse()
+        await ws.prepare(request)
+        ws.set_sink(self.sink)
+        self.ws = ws
+        self.ready.set()
+        await self.go.wait()
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                self.received.append(msg.data)
+        self.done.set()
+        return ws
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/ws", self.handler)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self.runner.setup()
+        port = _free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self.url = f"ws://127.0.0.1:{port}/ws"
+
+    async def stop(self) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+@pytest.fixture
+async def harness() -> Harness:
+    h = Harness()
+    await h.start()
+    yield h  # type: ignore[misc]
+    await h.stop()
+
+
+def test_the_installed_aiohttp_has_the_inline_hook() -> None:
+    assert INLINE_RECEIVE, f"aiohttp {aiohttp.__version__}: inline receive unavailable (plain path only)"
+
+
+def test_frame_text_length_classes() -> None:
+    assert frame_text(b"hi") == b"\x81\x02hi"
+    assert frame_text(b"a" * 126)[:4] == b"\x81\x7e\x00\x7e"
+    assert frame_text(b"a" * 65536)[:10] == b"\x81\x7f" + (65536).to_bytes(8, "big")
+
+
+async def test_sink_takes_messages_inline_and_order_is_kept_behind_queued_ones(harness: Harness) -> None:
+    async with websockets.connect(harness.url) as client:
+        await asyncio.wait_for(harness.ready.wait(), 5)
+        # receive() is not running yet: a declined message waits in the queue, and
+        # everything after it must wait behind it even if the sink would take it.
+        await client.send("x-inline-1")
+        await client.send("slow-1")
+        await client.send("x-behind-slow")
+        await client.send("slow-2")
+        assert await wait_for(lambda: len(harness.ws._reader._buffer) == 3, 5)  # type: ignore[union-attr]
+        assert harness.inline == ["x-inline-1"]
+        harness.go.set()
+        assert await wait_for(lambda: len(harness.received) == 3, 5)
+        assert harness.received == ["slow-1", "x-behind-slow", "slow-2"]
+        # Queue drained: the sink takes its messages again.
+        await client.send("x-inline-2")
+        await client.send("slow-3")
+        assert await wait_for(lambda: harness.received[-1:] == ["slow-3"], 5)
+        assert harness.inline == ["x-inline-1", "x-inline-2"]
+        assert harness.ws is not None and harness.ws.inline_messages == 2
+        # aiohttp still answers pings.
+        pong = await client.ping()
+        await asyncio.wait_for(pong, 5)
+
+
+async def test_send_texts_writes_every_length_class_in_order(harness: Harness) -> None:
+    texts = ["a", "b" * 125, "c" * 126, "d" * 65535, "e" * 65536, "f" * 200_000, '{"event":"mark"}']
+    async with websockets.connect(harness.url, max_size=1 << 20) as client:
+        await asyncio.wait_for(harness.ready.wait(), 5)
+        harness.go.set()
+        assert harness.ws is not None
+        harness.ws.send_texts(texts)
+        got = [await asyncio.wait_for(client.recv(), 5) for _ in texts]
+        assert got == texts
+        await client.close()
+        await asyncio.wait_for(harness.done.wait(), 5)
+    # After the close handshake no data frame may follow: send_texts refuses.
+    with pytest.raises(ConnectionResetError):
+        harness.ws.send_texts(["late"])
+
+
+async def test_a_real_call_takes_the_inline_path_for_media_and_marks(make_bridge: BridgeFactory) -> None:
+    bridge = await make_bridge({"GREETING": " ".join(["inline"] * 20)})
+    call = bridge.call(send_inbound_audio=False)
+    await call.place()
+    await call.connect()
+    assert await wait_for(lambda: bool(bridge.server.calls), 5)
+    session = next(iter(bridge.server.calls))
+    assert await call.wait_until(lambda: call.record.marks_echoed >= 3, 10)
+    assert call._factory is not None  # noqa: SLF001
+    for n in range(40):
+        await call.send_raw(call._factory.media(b"\xff" * 160, n * 20))  # noqa: SLF001
+    echoed = call.record.marks_echoed
+    assert await wait_for(lambda: session.ws.inline_messages >= 40 + echoed, 5), session.ws.inline_messages
+    await call.hangup()
+    assert await wait_for(lambda: not bridge.server.calls, 5)
+    # Inline-handled frames are counted like any other.
+    samples = await bridge.metrics()
+    assert value(samples, "bridge_twilio_frames_in_total") == 40
+    assert value(samples, "bridge_twilio_bytes_in_total") == 40 * 160
+
+
+async def test_a_bug_in_the_inline_handler_ends_that_call_only(make_bridge: BridgeFactory) -> None:
+    bridge = await make_bridge({"GREETING": "still here"})
+    broken, healthy = bridge.call(send_inbound_audio=False), bridge.call(send_inbound_audio=False)
+    for call in (broken, healthy):
+        await call.place()
+        await call.connect()
+    assert await wait_for(lambda: len(bridge.server.calls) == 2, 5)
+    victim = next(s for s in bridge.server.calls if s.core.stream_sid == broken.record.stream_sid)
+
+    def explode(*_args: object) -> list[object]:
+        raise ZeroDivisionError("simulated bug")
+
+    victim.core.on_media = explode  # type: ignore[method-assign]
+    assert broken._factory is not None  # noqa: SLF001
+    await broken.send_raw(broken._factory.media(b"\xff" * 160, 0))  # noqa: SLF001
+    await asyncio.wait_for(broken.closed.wait(), 5)
+    assert await wait_for(lambda: len(bridge.server.calls) == 1, 5)
+    samples = await bridge.metrics()
+    assert value(samples, "bridge_internal_errors_total") == 1
+    assert value(samples, "bridge_calls_total", outcome="internal_error") == 1
+    # The neighbour still works: DTMF gets a spoken answer.
+    before = healthy.record.media_bytes
+    await healthy.send_dtmf("5")
+    assert await healthy.wait_until(lambda: healthy.record.media_bytes > before, 5)
+    await healthy.hangup()
