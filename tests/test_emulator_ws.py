@@ -395,3 +395,28 @@ async def test_stats_and_context_endpoints(emulator_factory: EmulatorFactory) ->
     assert rec["word_timestamps"]["words"] == ["record", "me"]
     assert [json.dumps(m) for _, m in emu.received][0].startswith("{")
     await ws.close()
+
+
+def test_under_uvloop_chunks_still_go_out_in_batched_writes() -> None:
+    """uvloop's transports are not asyncio.Transport subclasses; the emulator must
+    still take its one-write-per-scheduler-turn path (it fell back to a frame-by-
+    frame send for every chunk, the costliest part of a load run's emulator)."""
+    uvloop = pytest.importorskip("uvloop")
+    from bridge.cartesia.emulator import Emulator, EmulatorSettings
+
+    async def scenario() -> None:
+        emu = Emulator(EmulatorSettings(ttfb_ms=1, rtf=0))
+        await emu.start("127.0.0.1", 0)
+        try:
+            ws = await connect(emu)
+            await send(ws, request("u1", "Hello there"))
+            msgs = await collect(ws, {"u1"})
+            assert audio_of(msgs, "u1") == tone("Hello there")
+            conns = list(emu._connections.values())  # noqa: SLF001
+            assert len(conns) == 1 and conns[0].transport is not None
+            await ws.close()
+        finally:
+            await emu.stop()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())

@@ -297,7 +297,8 @@ class Emulator:
         self._next_conn_id += 1
         conn = Connection(self, ws, self._next_conn_id, version)
         transport = request.transport
-        conn.transport = transport if isinstance(transport, asyncio.Transport) else None
+        # uvloop's transports are not asyncio.Transport subclasses; what matters is the interface.
+        conn.transport = transport if hasattr(transport, "get_write_buffer_size") else None
         self._connections[conn.id] = conn
         conn.scheduler = asyncio.create_task(conn.run_scheduler(), name=f"emulator-conn-{conn.id}")
         log_event(logger, "emulator_connection_open", connection_id=conn.id, version=version)
