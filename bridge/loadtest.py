@@ -79,7 +79,7 @@ import aiohttp
 
 from metrics.scrape import parse_samples, summarize, value
 from telephony.media import FRAME_BYTES, MULAW_SILENCE
-from telephony.simulator import CallRecord, SimulatedCall
+from telephony.simulator import CallerClock, CallRecord, SimulatedCall
 
 SCENARIOS: Final = ("talk", "conversation", "barge-in", "idle")
 DEFAULT_EMULATOR_ARGS: Final = "--ttfb-ms 90 --rtf 0.25 --jitter-ms 10"
@@ -613,6 +613,8 @@ class LoadTest:
         self._fwd_p99_live: float | None = None
         self._workers: list[Any] = []  # multiprocessing.Process of the caller workers
         self.rss_before_mb: float | None = None
+        #: Inbound audio and mark echoes of this process's calls (one task, not two per call).
+        self.clock: CallerClock | None = None
 
     # -------------------------------------------------------------- set-up
 
@@ -741,7 +743,7 @@ class LoadTest:
         await _sleep_until(self.t0 + (res.index * o.ramp_s / o.calls if o.calls > 1 else 0.0))
         query = {"agentUrl": o.agent_url} if (o.agent_url and o.target) else None
         call = SimulatedCall(self.base_url, http, auth_token=self.auth_token, public_url=self.public_url,
-                             webhook_query=query)
+                             webhook_query=query, clock=self.clock)
         res.call = call
         res.call_sid = call.record.call_sid
         res.t_placed = time.monotonic()
@@ -795,14 +797,18 @@ class LoadTest:
     async def _run_calls(self, indices: list[int], timeout: float) -> bool:
         """Run the calls ``indices`` in this process; True when the timeout cut them."""
         conn = aiohttp.TCPConnector(limit=0, force_close=False)
-        async with aiohttp.ClientSession(connector=conn) as http:
-            tasks = [asyncio.create_task(self._one_call(http, self.results[i])) for i in indices]
-            _done, pending = await asyncio.wait(tasks, timeout=max(0.0, self.t0 + timeout - time.monotonic()))
-            if pending:
-                for t in pending:
-                    t.cancel()
-                await asyncio.wait(pending, timeout=10)
-            return bool(pending)
+        self.clock = CallerClock()
+        try:
+            async with aiohttp.ClientSession(connector=conn) as http:
+                tasks = [asyncio.create_task(self._one_call(http, self.results[i])) for i in indices]
+                _done, pending = await asyncio.wait(tasks, timeout=max(0.0, self.t0 + timeout - time.monotonic()))
+                if pending:
+                    for t in pending:
+                        t.cancel()
+                    await asyncio.wait(pending, timeout=10)
+                return bool(pending)
+        finally:
+            await self.clock.close()
 
     def _start_workers(self, timeout: float) -> None:
         o = self.opts

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import audioop
+import contextlib
 import math
 import secrets
 import time
@@ -183,8 +184,57 @@ class CallRecord:
         return None
 
 
+class CallerClock:
+    """Drives inbound audio and mark echoes of many simulated calls from one task.
+
+    Without it each call runs two timer tasks (a frame every 20 ms, an echo per
+    mark): at 300 calls a caller process spends most of its CPU waking tasks,
+    and a saturated load side shows up as underruns that are not the bridge's.
+    With it one task ticks every ``tick_s`` (default 5 ms) and sends, per call,
+    every frame and echo that is due, so a frame leaves at most ``tick_s`` late
+    (each call keeps its own 20 ms phase; echoes follow playout as before).
+    Calls register on ``connect`` and leave when they close.
+    """
+
+    def __init__(self, tick_s: float = 0.005) -> None:
+        if not 0.001 <= tick_s <= 0.020:
+            raise ValueError("tick_s must be in [1, 20] ms")
+        self.tick_s = tick_s
+        self.calls: dict[int, SimulatedCall] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, call: SimulatedCall) -> None:
+        self.calls[id(call)] = call
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="caller-clock")
+
+    def remove(self, call: SimulatedCall) -> None:
+        self.calls.pop(id(call), None)
+
+    async def _run(self) -> None:
+        next_tick = time.monotonic()
+        while self.calls:
+            now = time.monotonic()
+            for call in list(self.calls.values()):
+                await call.tick(now)
+            next_tick = max(next_tick + self.tick_s, time.monotonic())
+            await asyncio.sleep(next_tick - time.monotonic())
+
+    async def close(self) -> None:
+        self.calls.clear()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
 class SimulatedCall:
-    """One simulated Twilio call against a bridge at ``base_url`` (see module doc)."""
+    """One simulated Twilio call against a bridge at ``base_url`` (see module doc).
+
+    Inbound audio and mark echoes run on the call's own timer tasks, or on a
+    shared ``CallerClock`` (``clock=``) when many calls share a process.
+    """
 
     def __init__(
         self,
@@ -198,8 +248,12 @@ class SimulatedCall:
         webhook_query: dict[str, str] | None = None,
         send_inbound_audio: bool = True,
         ws_url_override: str | None = None,
+        clock: CallerClock | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.clock = clock
+        self._frames_sent = 0
+        self._audio_t0 = 0.0
         self.public_url = (public_url or base_url).rstrip("/")
         self.session = session
         self.auth_token = auth_token
@@ -282,10 +336,32 @@ class SimulatedCall:
         await self._ws.send_str(self._factory.connected())
         await self._ws.send_str(self._factory.start())
         self.record.event("stream_started")
-        self._tasks = [asyncio.create_task(self._receive(), name="sim-receive"),
-                       asyncio.create_task(self._echo_marks(), name="sim-marks")]
+        self._tasks = [asyncio.create_task(self._receive(), name="sim-receive")]
+        if self.clock is not None:
+            self._audio_t0 = time.monotonic()
+            self.clock.add(self)
+            return
+        self._tasks.append(asyncio.create_task(self._echo_marks(), name="sim-marks"))
         if self.send_inbound_audio:
             self._tasks.append(asyncio.create_task(self._inbound_audio(), name="sim-inbound"))
+
+    async def tick(self, now: float) -> None:
+        """``CallerClock``'s turn: send the inbound frames and mark echoes now due."""
+        if self.closed.is_set():
+            if self.clock is not None:
+                self.clock.remove(self)
+            return
+        assert self._factory is not None
+        if self.send_inbound_audio:
+            while self._audio_t0 + self._frames_sent * 0.020 <= now and not self.closed.is_set():
+                frame = SPEECH_FRAME if now < self._speaking_until else SILENCE_FRAME
+                try:
+                    await self.send_raw(self._factory.media(frame, self._frames_sent * 20))
+                except (ConnectionError, RuntimeError):
+                    break
+                self._frames_sent += 1
+        for name in self.ear.due_marks(now):
+            await self._echo(name)
 
     async def send_raw(self, text: str | bytes) -> None:
         assert self._ws is not None
@@ -426,6 +502,8 @@ class SimulatedCall:
 
     async def close(self) -> None:
         self.closed.set()
+        if self.clock is not None:
+            self.clock.remove(self)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
