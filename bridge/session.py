@@ -391,6 +391,15 @@ class CallSession:
             return
         pending = self._pending.get(utterance_id)
         if pending is None:
+            lease = self.server.pool.try_open_context(utterance_id, self)
+            if lease is not None:
+                self._leases[utterance_id] = lease
+                self._last_heard[utterance_id] = time.monotonic()
+                try:
+                    lease.send(request)
+                except ContextError as exc:
+                    self._context_failed(utterance_id, str(exc), retry=True, cause=_retry_cause(exc))
+                return
             self._pending[utterance_id] = [request]
             self._admissions[utterance_id] = asyncio.get_running_loop().create_task(
                 self._admit(utterance_id), name=f"admit-{utterance_id}"

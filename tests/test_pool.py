@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from bridge.cartesia.client import AdmissionError, CartesiaPool
-from bridge.cartesia.emulator import Emulator, EmulatorSettings
-from bridge.cartesia.protocol import ServerMessage
+from bridge.cartesia.emulator import DEFAULT_VOICE_ID, Emulator, EmulatorSettings
+from bridge.cartesia.protocol import Chunk, Done, GenerationRequest, ServerMessage
 from bridge.demo import free_port
 from metrics import BridgeMetrics
 
@@ -103,8 +103,13 @@ async def test_idle_socket_is_replaced_before_cartesia_would_close_it_but_busy_o
         await emulator.stop()
 
 
-async def test_one_call_flooding_text_cannot_fill_the_socket_for_its_neighbours() -> None:
+async def test_one_call_flooding_text_cannot_fill_the_socket_for_its_neighbours(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from bridge.cartesia import client
     from bridge.cartesia.client import MAX_PENDING_SENDS_PER_CALL, SendQueueFull
+
+    # A backed-up transport (Cartesia reading slower than we write): every send queues.
+    monkeypatch.setattr(client, "DIRECT_WRITE_MAX_BUFFERED", -1)
     from bridge.cartesia.emulator.voices import DEFAULT_VOICE_ID
     from bridge.cartesia.protocol import Done, GenerationRequest
 
@@ -137,6 +142,44 @@ async def test_one_call_flooding_text_cannot_fill_the_socket_for_its_neighbours(
         again = await pool.open_context("greedy-2", flooder, 1.0)
         again.send(word("greedy-2", "ok", cont=False))
         again.cancel()
+    finally:
+        await pool.close()
+        await emulator.stop()
+
+
+async def test_immediate_admission_only_when_a_slot_is_free_and_nobody_waits() -> None:
+    emulator = Emulator(EmulatorSettings(ttfb_ms=1, rtf=0))
+    await emulator.start()
+    pool = CartesiaPool(url=str(emulator.url), api_key=None, version="2026-03-01", metrics=BridgeMetrics(), size=1,
+                        max_concurrency=2)
+    try:
+        assert pool.try_open_context("early", Listener()) is None  # no socket yet: the caller must wait
+        await pool.prewarm(5)
+        first = pool.try_open_context("a", Listener())
+        assert first is not None and pool.active_contexts == 1
+        listener = Listener()
+        second = pool.try_open_context("b", listener)
+        assert second is not None
+        assert pool.try_open_context("c", Listener()) is None  # at max_concurrency
+        queued = asyncio.create_task(pool.open_context("d", Listener(), 5.0))
+        await asyncio.sleep(0.05)
+        assert pool.waiting == 1
+        first.cancel()  # frees a slot, which goes to the queued waiter, not to a newcomer
+        assert pool.try_open_context("e", Listener()) is None
+        lease_d = await asyncio.wait_for(queued, 5)
+        # The immediately admitted context works like any other; with room in the
+        # transport its request is written at once, not queued for the writer task.
+        second.send(GenerationRequest(context_id="b", transcript="Hi there", model_id="sonic-2",
+                                      voice_id=DEFAULT_VOICE_ID))
+        assert all(not sock.outbox for sock in pool._sockets)  # noqa: SLF001
+        for _ in range(200):
+            if any(isinstance(m, Done) for m in listener.messages):
+                break
+            await asyncio.sleep(0.01)
+        assert any(isinstance(m, Chunk) for m in listener.messages)
+        assert any(isinstance(m, Done) for m in listener.messages)
+        lease_d.cancel()
+        assert pool.active_contexts == 0  # "b" was released by its done, "d" by the cancel
     finally:
         await pool.close()
         await emulator.stop()

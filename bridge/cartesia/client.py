@@ -11,8 +11,10 @@
   oldest forgotten first) so late chunks are dropped and counted, never
   routed to a newer utterance.
 * Each socket has one reader task (reads at full speed: a slow call never
-  stalls the socket, its own playout buffer absorbs the audio) and one writer
-  task draining an outbound FIFO of at most ``MAX_PENDING_SENDS`` messages,
+  stalls the socket, its own playout buffer absorbs the audio). A message is
+  written at once when nothing is queued ahead and the transport holds at
+  most ``DIRECT_WRITE_MAX_BUFFERED`` bytes; otherwise one writer task drains
+  an outbound FIFO of at most ``MAX_PENDING_SENDS`` messages,
   of which one call may hold ``MAX_PENDING_SENDS_PER_CALL`` (so an agent that
   floods text cannot starve the calls sharing its socket). Policy when full:
   the context's send fails with ``SendQueueFull`` and the call resumes that
@@ -37,6 +39,7 @@ from urllib.parse import urlencode
 import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.protocol import State
 
 from bridge.cartesia.protocol import (
     CancelRequest,
@@ -58,6 +61,9 @@ _wire_log.setLevel(logging.INFO)
 
 TOMBSTONES: Final = 4096
 MAX_PENDING_SENDS: Final = 10_000
+#: Above this many unsent bytes in a socket's transport, sends queue for the
+#: writer task (which awaits the drain) instead of being written at once.
+DIRECT_WRITE_MAX_BUFFERED: Final = 64 * 1024
 #: One call's share of a socket's queue (messages); a normal call has a handful queued at most.
 MAX_PENDING_SENDS_PER_CALL: Final = 500
 #: Largest server message accepted (bytes); chunks are a few KiB.
@@ -113,6 +119,8 @@ class _Socket:
         queue, so one call flooding text cannot starve its neighbours; a
         message without owner (``cancel``) always goes, since it only ever
         frees Cartesia capacity and is bounded by the contexts open."""
+        if not self.outbox and self._write_now(message):
+            return
         if owner is not None:
             if len(self.outbox) >= MAX_PENDING_SENDS:
                 raise SendQueueFull("Cartesia send queue full")
@@ -123,6 +131,22 @@ class _Socket:
         self.outbox.append((owner, orjson.dumps(message).decode()))
         self.outbox_event.set()
         self.last_activity = time.monotonic()
+
+    def _write_now(self, message: dict[str, Any]) -> bool:
+        """Write straight to the socket when nothing is queued ahead and the
+        transport has room: the same bytes ``ws.send`` would write, without a
+        hop through the writer task (one event-loop turn on the TTFB path,
+        several ms on a loaded loop). ``False``: use the queue."""
+        ws = self.ws
+        if ws is None or not self.ready.is_set() or ws.protocol.state is not State.OPEN:
+            return False
+        transport = ws.transport
+        if transport.is_closing() or transport.get_write_buffer_size() > DIRECT_WRITE_MAX_BUFFERED:
+            return False
+        ws.protocol.send_text(orjson.dumps(message))
+        ws.send_data()
+        self.last_activity = time.monotonic()
+        return True
 
     async def run(self) -> None:
         """Connect, serve, reconnect with backoff until the pool closes."""
@@ -471,6 +495,23 @@ class CartesiaPool:
             return None
         return min(candidates, key=lambda s: len(s.contexts))
 
+    def try_open_context(self, context_id: str, listener: ContextListener) -> ContextLease | None:
+        """Admit a new context at once if a slot and an open socket are free
+        and nobody is queued ahead; else ``None`` (use ``open_context``).
+        Saves the first request of an utterance a task hop on the TTFB path."""
+        if len(self._active) + self._reserved >= self.max_concurrency or self._waiters:
+            return None
+        sock = self._pick_socket()
+        if sock is None:
+            return None
+        return self._lease(context_id, listener, sock)
+
+    def _lease(self, context_id: str, listener: ContextListener, sock: _Socket) -> ContextLease:
+        self._active.add(context_id)
+        self.metrics.active_contexts.inc()
+        sock.contexts[context_id] = listener
+        return ContextLease(self, sock, context_id, listener)
+
     async def open_context(self, context_id: str, listener: ContextListener, deadline_s: float) -> ContextLease:
         """Admit a new context (waiting at most ``deadline_s``) on the least
         loaded open socket. Raises ``AdmissionError``."""
@@ -516,7 +557,4 @@ class CartesiaPool:
             raise
         if reserved:
             self._reserved -= 1
-        self._active.add(context_id)
-        self.metrics.active_contexts.inc()
-        sock.contexts[context_id] = listener
-        return ContextLease(self, sock, context_id, listener)
+        return self._lease(context_id, listener, sock)
