@@ -187,10 +187,10 @@ class CallRecord:
 class CallerClock:
     """Drives inbound audio and mark echoes of many simulated calls from one task.
 
-    Without it each call runs two timer tasks (a frame every 20 ms, an echo per
-    mark): at 300 calls a caller process spends most of its CPU waking tasks,
-    and a saturated load side shows up as underruns that are not the bridge's.
-    With it one task ticks every ``tick_s`` (default 5 ms) and sends, per call,
+    Shared by a process's calls, it saves two timer tasks per call (a frame
+    every 20 ms, an echo per mark): at 300 calls those wake-ups cost a caller
+    process most of its CPU, and a saturated load side shows up as underruns
+    that are not the bridge's. One task ticks every ``tick_s`` (default 5 ms) and sends, per call,
     every frame and echo that is due, so a frame leaves at most ``tick_s`` late
     (each call keeps its own 20 ms phase; echoes follow playout as before).
     Calls register on ``connect`` and leave when they close.
@@ -232,8 +232,9 @@ class CallerClock:
 class SimulatedCall:
     """One simulated Twilio call against a bridge at ``base_url`` (see module doc).
 
-    Inbound audio and mark echoes run on the call's own timer tasks, or on a
-    shared ``CallerClock`` (``clock=``) when many calls share a process.
+    Inbound audio (a frame every 20 ms) and mark echoes (when the audio before
+    the mark has played) are sent by a ``CallerClock``: a shared one
+    (``clock=``) when many calls share a process, else the call's own.
     """
 
     def __init__(
@@ -252,6 +253,7 @@ class SimulatedCall:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.clock = clock
+        self._own_clock: CallerClock | None = None  # created by connect() when no clock is shared
         self._frames_sent = 0
         self._audio_t0 = 0.0
         self.public_url = (public_url or base_url).rstrip("/")
@@ -272,8 +274,6 @@ class SimulatedCall:
         self._tasks: list[asyncio.Task[None]] = []
         self._speaking_until = 0.0
         self._send_lock = asyncio.Lock()
-        # Wakes the mark-echo task when a mark or clear arrives (it otherwise sleeps until the next mark is due).
-        self._mark_wake: asyncio.Future[None] | None = None
         self.closed = asyncio.Event()
         self.got_media = asyncio.Event()
 
@@ -337,13 +337,10 @@ class SimulatedCall:
         await self._ws.send_str(self._factory.start())
         self.record.event("stream_started")
         self._tasks = [asyncio.create_task(self._receive(), name="sim-receive")]
-        if self.clock is not None:
-            self._audio_t0 = time.monotonic()
-            self.clock.add(self)
-            return
-        self._tasks.append(asyncio.create_task(self._echo_marks(), name="sim-marks"))
-        if self.send_inbound_audio:
-            self._tasks.append(asyncio.create_task(self._inbound_audio(), name="sim-inbound"))
+        if self.clock is None:
+            self.clock = self._own_clock = CallerClock()
+        self._audio_t0 = time.monotonic()
+        self.clock.add(self)
 
     async def tick(self, now: float) -> None:
         """``CallerClock``'s turn: send the inbound frames and mark echoes now due."""
@@ -370,21 +367,6 @@ class SimulatedCall:
                 await self._ws.send_bytes(text)
             else:
                 await self._ws.send_str(text)
-
-    async def _inbound_audio(self) -> None:
-        assert self._factory is not None
-        t0 = time.monotonic()
-        n = 0
-        while not self.closed.is_set():
-            now = time.monotonic()
-            frame = SPEECH_FRAME if now < self._speaking_until else SILENCE_FRAME
-            try:
-                await self.send_raw(self._factory.media(frame, n * 20))
-            except (ConnectionError, RuntimeError):
-                return
-            n += 1
-            # Sleep to the next 20 ms tick of the monotonic clock: no drift.
-            await asyncio.sleep(max(0.0, t0 + n * 0.020 - time.monotonic()))
 
     def speak(self, duration_s: float) -> None:
         """Caller speech (loud inbound frames) from now for ``duration_s``."""
@@ -432,14 +414,12 @@ class SimulatedCall:
                 elif isinstance(event, OutMark):
                     record.marks_received += 1
                     self.ear.mark(event.name, now)
-                    self._wake_marks()
                 elif isinstance(event, OutClear):
                     record.clears += 1
                     record.clear_offsets.append(len(record.received_audio))
                     record.event("clear")
                     for name in self.ear.clear(now):
                         await self._echo(name)
-                    self._wake_marks()
         finally:
             record.close_code = ws.close_code
             record.event("stream_closed", code=ws.close_code)
@@ -452,29 +432,6 @@ class SimulatedCall:
             self.record.marks_echoed += 1
         except (ConnectionError, RuntimeError):
             pass
-
-    def _wake_marks(self) -> None:
-        fut = self._mark_wake
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-
-    async def _echo_marks(self) -> None:
-        """Echo each mark when the audio before it has played: sleeps until the
-        next mark is due (or a mark / clear arrives), no polling."""
-        loop = asyncio.get_running_loop()
-        pending = self.ear.pending_marks
-        while not self.closed.is_set():
-            for name in self.ear.due_marks(time.monotonic()):
-                await self._echo(name)
-            fut: asyncio.Future[None] = loop.create_future()
-            self._mark_wake = fut
-            timer = loop.call_later(max(0.0, pending[0][0] - time.monotonic()), self._wake_marks) if pending else None
-            try:
-                await fut
-            finally:
-                self._mark_wake = None
-                if timer is not None:
-                    timer.cancel()
 
     async def hangup(self) -> None:
         """Caller hangs up: ``stop`` then close."""
@@ -504,6 +461,8 @@ class SimulatedCall:
         self.closed.set()
         if self.clock is not None:
             self.clock.remove(self)
+        if self._own_clock is not None:
+            await self._own_clock.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
