@@ -10,6 +10,8 @@ every 20 ms), then, unless ``--no-idle``, a short ``idle`` run (greeting
 * bridge CPU %: mean of the steady samples (>= 90 % of the calls active), % of one core;
 * fwd p50/p99: ``bridge_forwarding_delay_seconds`` (sendable audio -> sent to Twilio), ms;
 * underruns / mismatches: at the simulated callers (exact, against the emulator's audio);
+* gaps tts/held: the bridge's own estimate of those underruns (``bridge_playout_gaps_total``):
+  ``tts_late`` = the emulator had not delivered the audio in time, ``held`` = the bridge had it;
 * lag p99: ``bridge_event_loop_lag_seconds`` (overshoot of a 100 ms sleep), ms;
 * KB/call: bridge RSS growth (peak - before the first call) / calls, speaking and idle;
 * CPU ms/call-s: bridge CPU time per second of call (peers.md (d): pipecat 44-46, bare aiohttp floor 1.2);
@@ -35,7 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("calls", "bridge CPU %", "CPU ms/call-s", "fwd p50 ms", "fwd p99 ms", "underruns", "mismatches",
+COLUMNS = ("calls", "bridge CPU %", "CPU ms/call-s", "fwd p50 ms", "fwd p99 ms", "underruns", "gaps tts/held",
+           "mismatches",
            "lag p99 ms", "KB/call speaking", "KB/call idle", "TTFA p50 ms", "bridge add ms", "load CPU %", "completed")
 
 
@@ -72,6 +75,7 @@ def row(n: int, talk: dict[str, Any], idle: dict[str, Any] | None) -> dict[str, 
         "fwd p50 ms": bm["forwarding_delay_ms"]["p50"],
         "fwd p99 ms": bm["forwarding_delay_ms"]["p99"],
         "underruns": talk["caller"]["underruns"]["count"],
+        "gaps tts/held": "{tts_late}/{held}".format(**bm["playout_gaps"]) if bm.get("playout_gaps") else None,
         "mismatches": talk["integrity"]["mismatches"],
         "lag p99 ms": bm.get("event_loop_lag_ms", {}).get("p99"),
         "KB/call speaking": talk["bridge"]["per_call"]["rss_kb"],

@@ -40,7 +40,7 @@ from bridge.cartesia.protocol import (
     WordTimestamps,
 )
 from bridge.logs import log_event
-from bridge.playout import Playout, SendMark
+from bridge.playout import Playout, PlayoutGap, SendMark
 from metrics import BridgeMetrics
 from telephony.media import FRAME_BYTES, FRAME_MS, OutboundEncoder, Start
 
@@ -237,6 +237,8 @@ class CallCore:
         self._frames_flushed = 0
         self._bytes_flushed = 0
         self.late_chunks = 0
+        self.gaps: dict[str, int] = {}  # cause -> count, this call
+        self.gap_ms: dict[str, float] = {}
 
     # ------------------------------------------------------------- helpers
 
@@ -287,12 +289,24 @@ class CallCore:
         if nbytes:
             self.bytes_sent += nbytes
             self.frames_sent += nbytes // FRAME_BYTES
+            for gap in self.playout.take_gaps():
+                self._count_gap(gap)
             for utt in self.utterances.values():
                 if utt.t_first_frame is None and utt.t_text is not None and utt.audio_bytes:
                     head = self.playout.utterance(utt.utterance_id)
                     if head is None or head.start_pos is not None:
                         utt.t_first_frame = now
                         self.metrics.text_to_first_frame.observe(now - utt.t_text)
+
+    def _count_gap(self, gap: PlayoutGap) -> None:
+        self.metrics.playout_gaps.labels(cause=gap.cause).inc()
+        self.metrics.playout_gap_seconds.labels(cause=gap.cause).inc(gap.seconds)
+        self.gaps[gap.cause] = self.gaps.get(gap.cause, 0) + 1
+        self.gap_ms[gap.cause] = round(self.gap_ms.get(gap.cause, 0.0) + gap.seconds * 1000.0, 1)
+        utt = self.utterances.get(gap.utterance_id)
+        self._log("playout_gap", logging.DEBUG, utterance_id=gap.utterance_id, cause=gap.cause,
+                  gap_ms=round(gap.seconds * 1000.0, 1), at_ms=gap.at_ms,
+                  context_id=utt.context_id if utt is not None else None)
 
     # ------------------------------------------------------------- Twilio in
 

@@ -255,6 +255,8 @@ class CallResult:
     # filled by analysis
     ttfa_s: list[tuple[str, float]] = field(default_factory=list)
     underruns: list[float] = field(default_factory=list)
+    #: (utterance number from 0, audio position in it in s) where each underrun began, parallel to ``underruns``
+    underrun_at_s: list[tuple[int, float]] = field(default_factory=list)
     jitter_s: list[float] = field(default_factory=list)
     spans: list[Span] = field(default_factory=list)
     protocol_errors: list[str] = field(default_factory=list)
@@ -281,14 +283,17 @@ def analyze_call(res: CallResult, index: AudioIndex | None) -> None:
 
     # Underruns: buffer dry before a message that continues an utterance.
     prev_arrival: float | None = None
+    utt_start, utt_no = 0, -1
     for i, (t, off, _n, dry) in enumerate(arrivals):
         if i == 0 or off in starts:
             prev_arrival = None
+            utt_start, utt_no = off, utt_no + 1
         new_utt = prev_arrival is None
         if index is None and dry > 0.001 and triggered_between(t - dry, t):
             new_utt = True  # heuristic: a gap we bridged with a trigger is a turn boundary
         if not new_utt and dry > 0.001:
             res.underruns.append(dry)
+            res.underrun_at_s.append((utt_no, (off - utt_start) / 8000.0))
         if not new_utt and prev_arrival is not None:
             p_t, p_n = prev_arrival, arrivals[i - 1][2]
             res.jitter_s.append(abs((t - p_t) - p_n / 8000.0))
@@ -1011,6 +1016,10 @@ class LoadTest:
                     "total_ms": round(sum(underruns) * 1000, 1),
                     "calls_affected": sum(1 for r in res if r.underruns),
                     "max_ms": round(max(underruns) * 1000, 1) if underruns else 0.0,
+                    # Where in the utterance they happen tells a slow start (first second: TTFB of a
+                    # continuation, lead not yet built) from a stall in steady playout.
+                    "in_first_second": sum(1 for r in res for _u, a in r.underrun_at_s if a < 1.0),
+                    "at_ms": dist_ms([a for r in res for _u, a in r.underrun_at_s]),
                     "method": "exact utterance spans (emulator)" if index else
                               "heuristic: dry gaps not bridged by one of our triggers",
                 },
@@ -1038,6 +1047,10 @@ class LoadTest:
                 "playout_overflow_bytes": value(samples, "bridge_playout_overflow_bytes_total") if samples else None,
                 "cartesia_errors": value(samples, "bridge_cartesia_errors_total") if samples else None,
                 "utterances_failed": value(samples, "bridge_utterances_failed_total") if samples else None,
+                # The bridge's own estimate of the caller's underruns, by cause (tts_late: Cartesia had not
+                # delivered; held: audio waited in the bridge): tells whose the underruns above were.
+                "playout_gaps": {cause: int(value(samples, "bridge_playout_gaps_total", cause=cause))
+                                 for cause in ("tts_late", "held")} if samples else None,
             },
             "bridge": {
                 "measured": self.bridge is not None,
@@ -1055,6 +1068,10 @@ class LoadTest:
                                  if rss_peak is not None and rss_base is not None and peak_active else None),
                 },
             },
+            # The emulator's own view: how late its scheduler sent chunks (0 = on time). Late chunks
+            # here explain caller underruns that the bridge counts as tts_late gaps.
+            "emulator": ({"chunks": self.emulator.chunks_total,
+                          "chunk_lateness_ms": self.emulator.lateness_ms()} if self.emulator is not None else None),
             "loadtester": {"cpu_percent_mean": _r(sum(tester) / len(tester) if tester else None),
                            "cpu_percent_max": _r(max(tester) if tester else None),
                            "note": "the simulated callers + emulator share this process; near 100% means "
@@ -1064,6 +1081,7 @@ class LoadTest:
                 {"index": r.index, "call_sid": r.call_sid, "status": r.status, "reason": r.reason,
                  "ttfa_ms": [round(v * 1000, 2) for _k, v in r.ttfa_s],
                  "underruns": len(r.underruns), "underrun_ms": round(sum(r.underruns) * 1000, 1),
+                 "underrun_at": [{"utterance": u, "at_ms": round(a * 1000)} for u, a in r.underrun_at_s],
                  "mismatches": sum(1 for s in r.spans if s.status == "mismatch"),
                  "utterances": len(r.spans),
                  "audio_s": round(r.call.record.media_bytes / 8000, 2) if r.call else 0.0,

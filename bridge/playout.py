@@ -29,6 +29,17 @@ Limits:
 * ``max_message_ms`` (default 200 ms) of audio per ``media`` message.
 * Outstanding marks are bounded by the lead: at most
   ``lead / min(mark_interval, 20 ms) + utterances`` at once.
+
+Gaps. The playout also estimates when Twilio runs out of audio *inside* an
+utterance: it assumes Twilio plays in real time from the moment audio is sent
+(it really starts a little later, so the estimate errs towards reporting a
+gap). When a continuation goes out after that estimated end, a ``PlayoutGap``
+is recorded with its cause: ``tts_late`` (the audio had not arrived from
+Cartesia) or ``held`` (it was here, whole frames, but the lead window was
+waiting for a mark echo). ``take_gaps`` hands them to the caller. Silence
+between utterances is not a gap. What the bridge cannot see: how late its own
+event loop read the chunk from the socket (that shows as ``tts_late``; see the
+event-loop lag metric).
 """
 
 from __future__ import annotations
@@ -57,6 +68,8 @@ class UtteranceAudio:
     finished: bool = False
     start_pos: int | None = None  # sent-timeline position of its first byte
     end_mark: str | None = None
+    #: monotonic s since which ``pending`` has held at least one whole frame (None: it has not)
+    sendable_since: float | None = None
 
     @property
     def padding_bytes(self) -> int:
@@ -77,6 +90,21 @@ class SendMark:
 
 
 OutboundItem = Union[bytes, SendMark]
+
+
+@dataclass(frozen=True, slots=True)
+class PlayoutGap:
+    """Estimated silence inside an utterance (see module docstring)."""
+
+    utterance_id: str
+    cause: str  # "tts_late" or "held"
+    seconds: float
+    at_ms: int  # position in the utterance where the silence fell
+
+
+GAP_CAUSES: Final = ("tts_late", "held")
+#: Shorter estimated gaps are not recorded (the estimate is not that exact), s.
+GAP_TOLERANCE_S: Final = 0.001
 
 
 @dataclass(slots=True)
@@ -126,6 +154,9 @@ class Playout:
         self._mark_seq = 0
         self._last_mark_pos = 0
         self._waiting_since: float | None = None
+        # Estimated monotonic s at which Twilio has played everything sent (None: nothing playing).
+        self._play_end: float | None = None
+        self._gaps: list[PlayoutGap] = []
         # Utterances sent completely, waiting for their end mark's echo.
         self._awaiting_end: dict[str, UtteranceAudio] = {}
 
@@ -148,6 +179,8 @@ class Playout:
         if self.buffered_bytes + len(audio) > self.max_buffer_bytes:
             self.overflow_bytes += len(audio)
             return False
+        if utt.sendable_since is None and len(utt.pending) + len(audio) >= FRAME_BYTES:
+            utt.sendable_since = now
         utt.pending += audio
         # Forwarding delay starts when a whole frame can go out now: this is the
         # head utterance and the lead has room. A sub-frame tail waiting for the
@@ -223,8 +256,17 @@ class Playout:
                 size = min(whole, _frames_floor(room), self.max_message_bytes, max(FRAME_BYTES, next_mark_at - self.sent))
                 audio = bytes(utt.pending[:size])
                 del utt.pending[:size]
+                play_end = self._play_end
                 if utt.start_pos is None:
                     utt.start_pos = self.sent
+                elif play_end is not None and now - play_end > GAP_TOLERANCE_S:
+                    since = utt.sendable_since
+                    cause = "held" if since is not None and since <= play_end else "tts_late"
+                    self._gaps.append(PlayoutGap(utt.utterance_id, cause, now - play_end,
+                                                 (self.sent - utt.start_pos) // BYTES_PER_MS))
+                self._play_end = (now if play_end is None or play_end < now else play_end) + size / (BYTES_PER_MS * 1000)
+                if len(utt.pending) < FRAME_BYTES:
+                    utt.sendable_since = None
                 self.sent += size
                 utt.sent_bytes += size
                 self.buffered_bytes -= size
@@ -247,6 +289,11 @@ class Playout:
         if out and self._last_mark_pos < self.sent and self.buffered_bytes == 0:
             out.append(self._new_mark(now, None))
         return out
+
+    def take_gaps(self) -> list[PlayoutGap]:
+        """Gaps recorded since the last call (see module docstring)."""
+        gaps, self._gaps = self._gaps, []
+        return gaps
 
     def take_forward_start(self) -> float | None:
         """When the audio about to be sent became sendable (once per burst), or
@@ -300,6 +347,7 @@ class Playout:
         self.sent = self.played
         self._last_mark_pos = self.sent
         self._waiting_since = None
+        self._play_end = None  # Twilio's buffer is empty after a clear
         return ClearResult(cut, dropped)
 
     # --------------------------------------------------------------- queries

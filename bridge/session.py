@@ -550,7 +550,7 @@ class CallSession:
             if not self.ws.closed:
                 await self.ws.close()
             self._log("call_ended", outcome=self.outcome, frames_sent=self.core.frames_sent,
-                      late_chunks=self.core.late_chunks, duration_s=round(time.monotonic() - self.connected_at, 3))
+                      late_chunks=self.core.late_chunks, playout_gaps=self.core.gaps, playout_gap_ms=self.core.gap_ms, duration_s=round(time.monotonic() - self.connected_at, 3))
 
     async def _release_everything(self) -> None:
         for action in self.core.on_end():

@@ -138,6 +138,19 @@ class BridgeMetrics:
             "bridge_utterances_failed", "Utterances given up (agent told)", ["reason"], registry=r
         )
         self.calls_refused = Counter("bridge_calls_refused", "Webhooks answered with a refusal", ["reason"], registry=r)
+        # Estimated from send times (bridge/playout.py "Gaps"): tts_late = Cartesia had not delivered,
+        # held = the audio was here but the lead window waited for a mark echo.
+        self.playout_gaps = Counter(
+            "bridge_playout_gaps", "Estimated silences inside an utterance at the caller, by cause", ["cause"],
+            registry=r,
+        )
+        self.playout_gap_seconds = Counter(
+            "bridge_playout_gap_seconds", "Estimated silence inside utterances at the caller, by cause", ["cause"],
+            registry=r,
+        )
+        for cause in ("tts_late", "held"):
+            self.playout_gaps.labels(cause=cause)
+            self.playout_gap_seconds.labels(cause=cause)
 
     def render(self) -> bytes:
         for hook in self.before_render:

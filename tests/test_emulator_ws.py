@@ -420,3 +420,39 @@ def test_under_uvloop_chunks_still_go_out_in_batched_writes() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
+
+
+@pytest.mark.parametrize("slack_ms", [0.0, 8.0])
+async def test_pacing_slack_never_makes_a_first_chunk_early_nor_a_paced_one_earlier_than_the_slack(
+    emulator_factory: EmulatorFactory, slack_ms: float
+) -> None:
+    ttfb_s, interval_s = 0.040, 0.020  # chunk_ms 20 at rtf 1: one chunk every 20 ms
+    emu = await emulator_factory(ttfb_ms=ttfb_s * 1000, rtf=1.0, chunk_ms=20, pacing_slack_ms=slack_ms)
+    ws = await connect(emu)
+    loop = asyncio.get_running_loop()
+    # "b" starts 25 ms after "a", so its first chunk falls due 5 ms after one of a's scheduler
+    # turns: inside the slack window, where only paced chunks may go early.
+    sent_at = {"a": loop.time()}
+    await send(ws, request("a", "pacing with some slack allowed"))
+    await asyncio.sleep(0.025)
+    sent_at["b"] = loop.time()
+    await send(ws, request("b", "and a second voice on the same socket"))
+    arrivals: dict[str, list[float]] = {"a": [], "b": []}
+    done: set[str] = set()
+    while done != {"a", "b"}:
+        msg = await recv(ws)
+        if msg["type"] == "chunk":
+            arrivals[msg["context_id"]].append(loop.time())
+        elif msg["type"] == "done":
+            done.add(msg["context_id"])
+    for cid, times in arrivals.items():
+        assert len(times) >= 10
+        # Arrival can only be later than due (this loop is busy too), never earlier than allowed.
+        assert times[0] - sent_at[cid] >= ttfb_s, f"{cid}: the first chunk (TTFB) ignores the slack"
+        for k, t in enumerate(times[1:], start=1):
+            earliest = ttfb_s + k * interval_s - slack_ms / 1000 - 1e-4
+            assert t - sent_at[cid] >= earliest, f"{cid}: chunk {k} earlier than the slack allows"
+        # Anchored schedule: the stream takes its real-time length, within the slack and loop noise.
+        span = times[-1] - times[0]
+        assert span == pytest.approx((len(times) - 1) * interval_s, abs=slack_ms / 1000 + 0.015)
+    await ws.close()

@@ -147,3 +147,69 @@ def test_discard_drops_an_utterance_that_never_started() -> None:
 def test_lead_below_one_frame_is_rejected(lead: int) -> None:
     with pytest.raises(ValueError):
         Playout(lead_ms=lead)
+
+
+def test_no_gap_when_audio_keeps_ahead_of_real_time_playout() -> None:
+    p = Playout(lead_ms=10_000, mark_interval_ms=100)
+    p.open("u1")
+    p.push("u1", b"\x01" * 800, 0.0)  # 100 ms
+    p.take(0.0)
+    p.push("u1", b"\x01" * 800, 0.099)  # arrives 1 ms before the first 100 ms run out
+    p.take(0.099)
+    assert p.take_gaps() == []
+
+
+def test_late_tts_audio_inside_an_utterance_is_a_tts_late_gap_at_its_position() -> None:
+    p = Playout(lead_ms=10_000, mark_interval_ms=100)
+    p.open("u1")
+    p.push("u1", b"\x01" * 800, 0.0)
+    p.take(0.0)
+    p.push("u1", b"\x01" * 800, 0.130)  # 30 ms after the estimated end of playout
+    p.take(0.130)
+    (gap,) = p.take_gaps()
+    assert gap.utterance_id == "u1" and gap.cause == "tts_late"
+    assert gap.seconds == pytest.approx(0.030)
+    assert gap.at_ms == 100
+    assert p.take_gaps() == [], "gaps are handed out once"
+
+
+def test_audio_held_back_by_the_lead_window_is_a_held_gap() -> None:
+    p = Playout(lead_ms=100, mark_interval_ms=100)
+    p.open("u1")
+    p.push("u1", b"\x01" * 1600, 0.0)  # 200 ms, only 100 ms may go out before an echo
+    marks = marks_of(p.take(0.0))
+    assert len(audio_of(p.take(0.0))) == 0
+    # The echo comes 50 ms after the caller ran out (a slow echo path): the rest was here all along.
+    p.on_mark(marks[-1], 0.150)
+    assert len(audio_of(p.take(0.150))) == 800
+    (gap,) = p.take_gaps()
+    assert gap.cause == "held" and gap.seconds == pytest.approx(0.050)
+
+
+def test_silence_between_utterances_and_after_clear_is_not_a_gap() -> None:
+    p = Playout(lead_ms=10_000, mark_interval_ms=100)
+    p.open("u1")
+    p.push("u1", b"\x01" * 800, 0.0)
+    p.finish("u1")
+    p.take(0.0)
+    p.open("u2")
+    p.push("u2", b"\x01" * 800, 1.0)  # a new utterance a second later: a pause, not a gap
+    p.take(1.0)
+    p.clear()
+    p.open("u3")
+    p.push("u3", b"\x01" * 800, 2.0)
+    p.take(2.0)
+    p.push("u3", b"\x01" * 800, 2.05)
+    p.take(2.05)
+    assert p.take_gaps() == []
+
+
+def test_a_sub_frame_tail_completed_late_counts_as_tts_late() -> None:
+    p = Playout(lead_ms=10_000, mark_interval_ms=100)
+    p.open("u1")
+    p.push("u1", b"\x01" * 900, 0.0)  # 100 ms + 100 bytes that are not a whole frame yet
+    p.take(0.0)
+    p.push("u1", b"\x01" * 60, 0.2)  # the frame completes 100 ms after playout ran dry
+    p.take(0.2)
+    (gap,) = p.take_gaps()
+    assert gap.cause == "tts_late" and gap.seconds == pytest.approx(0.1)

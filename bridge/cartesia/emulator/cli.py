@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rtf", type=float, default=d.rtf,
                    help="real-time factor of chunk pacing: chunks are chunk_ms*rtf apart (0 = no pacing, 0.1 = 10x real time)")
     g.add_argument("--chunk-ms", type=int, default=d.chunk_ms, help="audio per chunk, ms")
+    g.add_argument("--pacing-slack-ms", type=float, default=d.pacing_slack_ms,
+                   help="a paced chunk (not a first chunk) may leave this much early, batching wake-ups")
     g.add_argument("--jitter-ms", type=float, default=d.jitter_ms, help="extra uniform(0, N) ms on TTFB and chunk gaps")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of all randomness (jitter, faults)")
     g.add_argument("--api-key", default=None,
@@ -51,6 +53,7 @@ def settings_from_args(ns: argparse.Namespace) -> EmulatorSettings:
         ttfb_ms=ns.ttfb_ms,
         rtf=ns.rtf,
         chunk_ms=ns.chunk_ms,
+        pacing_slack_ms=ns.pacing_slack_ms,
         jitter_ms=ns.jitter_ms,
         seed=ns.seed,
         max_concurrency=ns.max_concurrency,

@@ -298,6 +298,7 @@ class Context:
         if self.buffer_deadline is not None and now >= self.buffer_deadline and self.state == "open":
             self._cut(now, None)
         budget = MAX_CHUNKS_PER_TURN
+        slack = settings.pacing_slack_ms / 1000.0
         while self.jobs:
             job = self.jobs[0]
             if job.next_due is None:
@@ -325,7 +326,8 @@ class Context:
                         phonemes=self.req.add_phoneme_timestamps,
                     )
                 job.base_samples = self.samples_total
-            if job.next_due > now:
+            # A paced chunk may go up to the slack early (see EmulatorSettings); a first chunk never.
+            if job.next_due > (now + slack if job.pos else now):
                 return self._min_due(job.next_due)
             rendered = job.rendered
             audio = rendered.audio
@@ -343,7 +345,7 @@ class Context:
                 budget -= 1
                 end = min(len(audio), job.pos + self.chunk_bytes)
                 data = audio[job.pos : end]
-                lateness = now - job.next_due
+                lateness = max(0.0, now - job.next_due)
                 step_ms = (now - job.t_start) * 1000.0 if job.pos == 0 else 0.0
                 job.pos = end
                 conn.emit_chunk(self, data, job.flush_id, step_ms, lateness)
@@ -521,20 +523,28 @@ class Connection:
     async def run_scheduler(self) -> None:
         loop = self.loop
         ws = self.ws
+        slack = self.emulator.settings.pacing_slack_ms / 1000.0
         try:
             while True:
                 now = loop.time()
                 heap = self.heap
-                while heap and heap[0][0] <= now:
+                # Everything due within the pacing slack is stepped in this turn. Each context is
+                # stepped once per turn (it sends all its chunks due by then), so what it asks for
+                # next is scheduled after the loop, never re-popped here.
+                horizon = now + slack
+                again: list[tuple[Context, float]] = []
+                while heap and heap[0][0] <= horizon:
                     due, _, ctx = heapq.heappop(heap)
                     if ctx.due != due or ctx.state == "finished":
                         continue
                     ctx.due = None
                     nxt = ctx.step(now)
                     if nxt is not None and ctx.state != "finished":
-                        self.schedule(ctx, nxt)
+                        again.append((ctx, nxt))
                     if self.closing:
                         break
+                for ctx, nxt in again:
+                    self.schedule(ctx, nxt)
                 if self.outbox:
                     out, self.outbox = self.outbox, []
                     transport = self.transport
