@@ -75,6 +75,13 @@ TOMBSTONE_CAP: Final = 10000
 OUTBOX_HIGH_WATER: Final = 256
 #: With rtf 0 a context emits at most this many chunks per scheduler turn, then yields.
 MAX_CHUNKS_PER_TURN: Final = 32
+#: The scheduler's clock. Not ``loop.time()``: uvloop's has 1 ms resolution, and the
+#: configured TTFB should be what a client measures, not TTFB plus up to a millisecond.
+clock: Final = time.monotonic
+#: Event-loop timers fire at whole milliseconds (libuv), so the scheduler's timer is set
+#: this much early and the last stretch before a first chunk is slept exactly (it blocks
+#: the loop at most this long, once per generation; paced chunks use the slack instead).
+EXACT_WAIT_S: Final = 0.0015
 #: "Enough text" heuristic: cut after the last sentence end followed by whitespace.
 _SENTENCE_END: Final = re.compile(r"[.!?;:][\"')\]]*\s")
 #: Buffer this long is generated even without a sentence end.
@@ -207,6 +214,7 @@ class Context:
         self.samples_total = 0
         self.due: float | None = None
         self.last_audio_at = now
+        self.prev_end = now  # when the previous generation ended (here: none yet)
         bps = self.fmt.bytes_per_sample
         self.chunk_bytes = max(bps, settings.chunk_ms * self.fmt.sample_rate // 1000 * bps)
         self.record = conn.emulator._new_record(self, req)
@@ -302,11 +310,13 @@ class Context:
         while self.jobs:
             job = self.jobs[0]
             if job.next_due is None:
-                job.t_start = now
+                # Generation starts when the input arrived or the previous generation ended,
+                # whichever is later, not when this turn happens to run (late under load).
+                job.t_start = max(job.created, self.prev_end)
                 delay = settings.ttfb_ms
                 if settings.jitter_ms:
                     delay += self.rng.uniform(0.0, settings.jitter_ms)
-                job.next_due = now + delay / 1000.0
+                job.next_due = job.t_start + delay / 1000.0
             if job.rendered is None:
                 if not job.text.strip():
                     job.rendered = Rendered(b"", 0)
@@ -362,6 +372,7 @@ class Context:
             self._emit_timestamps(job, rendered.samples)
             self.samples_total += rendered.samples
             self.jobs.popleft()
+            self.prev_end = now
             if job.marker == _FLUSH:
                 conn.emit(FlushDone(self.id, job.flush_id))
                 if self.record is not None:
@@ -389,12 +400,12 @@ class Context:
         if exc is not None:
             log_event(logger, "emulator_render_failed", logging.ERROR, context_id=self.id, error=repr(exc))
             self.conn.emit_error(ErrorMessage(self.id, 500, f"synthesis failed: {exc}", "internal_error", "Internal error"))
-            self.conn.finish(self, self.conn.loop.time())
+            self.conn.finish(self, clock())
             return
         job.rendered = fut.result()
         job.render_task = None
         job.base_samples = self.samples_total
-        now = self.conn.loop.time()
+        now = clock()
         self.conn.schedule(self, max(now, job.next_due or now))
 
     def _emit_timestamps(self, job: Job, upto_sample: int) -> None:
@@ -526,7 +537,7 @@ class Connection:
         slack = self.emulator.settings.pacing_slack_ms / 1000.0
         try:
             while True:
-                now = loop.time()
+                now = clock()
                 heap = self.heap
                 # Everything due within the pacing slack is stepped in this turn. Each context is
                 # stepped once per turn (it sends all its chunks due by then), so what it asks for
@@ -564,17 +575,21 @@ class Connection:
                     log_event(logger, "emulator_fault_close", connection_id=self.id, chunks=self.chunks_sent)
                     await ws.close(code=1011, message=f"emulator fault: close after {limit} chunks".encode())
                     return
-                if self.heap and self.heap[0][0] <= loop.time():
-                    await asyncio.sleep(0)
+                # Skip stale heap heads so the wait targets a live entry.
+                while self.heap and (self.heap[0][2].due != self.heap[0][0] or self.heap[0][2].state == "finished"):
+                    heapq.heappop(self.heap)
+                wait = self.heap[0][0] - clock() if self.heap else None
+                if wait is not None and wait <= EXACT_WAIT_S:
+                    if wait > 0:
+                        time.sleep(wait)  # noqa: ASYNC251 - the sub-timer stretch before a first chunk, exact
+                    else:
+                        await asyncio.sleep(0)
                     continue
                 waiter = loop.create_future()
                 self._waiter = waiter
                 timer = None
-                # Skip stale heap heads so the timer targets a live entry.
-                while self.heap and (self.heap[0][2].due != self.heap[0][0] or self.heap[0][2].state == "finished"):
-                    heapq.heappop(self.heap)
-                if self.heap:
-                    timer = loop.call_at(self.heap[0][0], self.wake)
+                if wait is not None:
+                    timer = loop.call_later(wait - EXACT_WAIT_S, self.wake)
                 if not self.outbox:
                     await waiter
                 self._waiter = None
@@ -598,8 +613,8 @@ class Connection:
         return any(c.jobs or c.buffer for c in self.contexts.values())
 
     def handle_text(self, text: str | bytes) -> None:
-        now = self.loop.time()
-        self.last_activity = now
+        now = clock()
+        self.last_activity = self.loop.time()
         try:
             obj = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
@@ -676,6 +691,6 @@ class Connection:
     def close_all(self) -> None:
         self.closing = True
         for ctx in list(self.contexts.values()):
-            self.finish(ctx, self.loop.time())
+            self.finish(ctx, clock())
         if self._timer is not None:
             self._timer.cancel()
