@@ -14,6 +14,13 @@ Limits:
   is not draining).
 * Per utterance, at most ``MAX_PENDING_REQUESTS`` Cartesia inputs wait for
   admission; beyond that the utterance fails and the agent is told.
+* Cartesia inputs: a context's first input is written at once (it starts the
+  TTFB clock). Later inputs made in the same event-loop turn (an agent that
+  delivers a passage as a burst of tokens) are joined into one input of at
+  most ``MAX_MERGED_CHARS`` characters, written when it ends a sentence (where
+  Cartesia starts generating) or when the turn ends: one message per sentence
+  instead of one per token, same text (``merge_continuation``). At most one
+  such input is held per context.
 """
 
 from __future__ import annotations
@@ -39,7 +46,14 @@ from bridge.call import (
     ToTwilio,
 )
 from bridge.cartesia.client import AdmissionError, ContextError, ContextLease, SendQueueFull
-from bridge.cartesia.protocol import Done, ErrorMessage, GenerationRequest, ServerMessage
+from bridge.cartesia.protocol import (
+    ENDS_SENTENCE,
+    Done,
+    ErrorMessage,
+    GenerationRequest,
+    ServerMessage,
+    merge_continuation,
+)
 from bridge.inline_ws import InlineWebSocketResponse
 from bridge.logs import log_event
 from telephony.media import (
@@ -66,6 +80,8 @@ TWILIO_WRITE_HIGH_WATER: Final = 64 * 1024
 TWILIO_WRITE_LOW_WATER: Final = 16 * 1024
 TWILIO_DRAIN_POLL_S: Final = 0.01
 MAX_PENDING_REQUESTS: Final = 10_000
+#: Longest transcript made by joining one turn's inputs for a context (characters).
+MAX_MERGED_CHARS: Final = 1000
 #: Longest a call waits for queued speech to finish playing before hanging up.
 END_PLAYOUT_GRACE_S: Final = 15.0
 
@@ -95,6 +111,9 @@ class CallSession:
         self._deadlines: dict[str, asyncio.TimerHandle] = {}
         self._last_heard: dict[str, float] = {}  # context_id -> last Cartesia message (monotonic s)
         self._resumes: dict[str, asyncio.TimerHandle] = {}
+        # Inputs joined during this loop turn, per context, written by _write_held at its end.
+        self._held: dict[str, GenerationRequest] = {}
+        self._held_write: asyncio.Handle | None = None
         self._end_task: asyncio.Task[None] | None = None
         self.outcome = "completed"
         self.started = False
@@ -382,12 +401,24 @@ class CallSession:
     def _send_cartesia(self, utterance_id: str, request: GenerationRequest) -> None:
         if not request.continue_:
             self._arm_deadline(utterance_id)
-        lease = self._leases.get(utterance_id)
-        if lease is not None:
-            try:
-                lease.send(request)
-            except ContextError as exc:  # socket just died / queue full: transient, resume elsewhere
-                self._context_failed(utterance_id, str(exc), retry=True, cause=_retry_cause(exc))
+        if utterance_id in self._leases:
+            # Not the context's first input (that went out when the lease was made): join it with
+            # the rest of this turn's inputs, written once the turn ends.
+            held = self._held.get(utterance_id)
+            if held is not None:
+                merged = merge_continuation(held, request)
+                if merged is not None and len(merged.transcript) <= MAX_MERGED_CHARS:
+                    request = merged
+                else:
+                    self._write_one_held(utterance_id)  # keep the order: what was held goes first
+                    if utterance_id not in self._leases:
+                        return  # that write failed and the utterance is being resumed from its text
+            self._held[utterance_id] = request
+            if ENDS_SENTENCE.search(request.transcript):
+                # Cartesia starts generating at a sentence end: do not make it wait for the rest.
+                self._write_one_held(utterance_id)
+            elif self._held_write is None:
+                self._held_write = asyncio.get_running_loop().call_soon(self._write_held)
             return
         pending = self._pending.get(utterance_id)
         if pending is None:
@@ -404,10 +435,30 @@ class CallSession:
             self._admissions[utterance_id] = asyncio.get_running_loop().create_task(
                 self._admit(utterance_id), name=f"admit-{utterance_id}"
             )
-        elif len(pending) >= MAX_PENDING_REQUESTS:
-            self._context_failed(utterance_id, "too many inputs waiting for admission")
         else:
-            pending.append(request)
+            merged = merge_continuation(pending[-1], request)
+            if merged is not None and len(merged.transcript) <= MAX_MERGED_CHARS:
+                pending[-1] = merged
+            elif len(pending) >= MAX_PENDING_REQUESTS:
+                self._context_failed(utterance_id, "too many inputs waiting for admission")
+            else:
+                pending.append(request)
+
+    def _write_held(self) -> None:
+        """End of the loop turn: write every context's joined input."""
+        self._held_write = None
+        for utterance_id in list(self._held):
+            self._write_one_held(utterance_id)
+
+    def _write_one_held(self, utterance_id: str) -> None:
+        request = self._held.pop(utterance_id, None)
+        lease = self._leases.get(utterance_id)
+        if request is None or lease is None or self.closed:
+            return
+        try:
+            lease.send(request)
+        except ContextError as exc:  # socket just died / queue full: transient, resume elsewhere
+            self._context_failed(utterance_id, str(exc), retry=True, cause=_retry_cause(exc))
 
     async def _admit(self, utterance_id: str) -> None:
         try:
@@ -434,6 +485,7 @@ class CallSession:
                 return
 
     def _cancel_cartesia(self, utterance_id: str) -> None:
+        self._held.pop(utterance_id, None)
         task = self._admissions.pop(utterance_id, None)
         if task is not None:
             task.cancel()
@@ -470,6 +522,7 @@ class CallSession:
 
     def _context_failed(self, utterance_id: str, reason: str, *, retry: bool = False,
                         cause: str = "socket_lost") -> None:
+        self._held.pop(utterance_id, None)  # its text is resumed from what the core knows was sent
         lease = self._leases.pop(utterance_id, None)
         if lease is not None:
             lease.cancel()
@@ -482,6 +535,7 @@ class CallSession:
         if utterance_id in self._last_heard:
             self._last_heard[utterance_id] = received_at
         if isinstance(msg, (Done, ErrorMessage)):
+            self._held.pop(utterance_id, None)
             lease = self._leases.pop(utterance_id, None)
             if lease is not None:
                 lease.abandon()
@@ -491,6 +545,7 @@ class CallSession:
         self._execute(self.core.on_cartesia(utterance_id, msg, received_at))
 
     def on_context_lost(self, context_id: str, reason: str) -> None:
+        self._held.pop(context_id, None)
         self._leases.pop(context_id, None)
         self._drop_deadline(context_id)
         if self.closed:
@@ -562,6 +617,10 @@ class CallSession:
             task.cancel()
         self._admissions.clear()
         self._pending.clear()
+        self._held.clear()
+        if self._held_write is not None:
+            self._held_write.cancel()
+            self._held_write = None
         for handle in (*self._deadlines.values(), *self._resumes.values()):
             handle.cancel()
         self._deadlines.clear()

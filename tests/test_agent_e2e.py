@@ -97,15 +97,18 @@ async def test_setup_tokens_continuations_dtmf_config_and_end(make_bridge: Bridg
     assert setup["callSid"] == call.record.call_sid and setup["streamSid"] == call.record.stream_sid
     assert setup["from"] == call.from_ and setup["to"] == call.to and setup["direction"] == "inbound"
     assert setup["accountSid"] == call.account_sid and setup["customParameters"]["from"] == call.from_
+    # Tokens a real LLM would space out: each is handled in its own loop turn, so nothing is joined.
     for token in ["Good ", "morn", "ing, how can", " I help?"]:
         await agent.send({"type": "text", "token": token, "last": False})
+        await asyncio.sleep(0.05)
     await agent.send({"type": "text", "token": "", "last": True})
     assert await wait_for(lambda: len(context_ids(bridge)) == 1, 5)
     ctx = context_ids(bridge)[0]
     assert await wait_for(lambda: any(r.get("continue") is False for r in requests_for(bridge, ctx)), 5)
     sent = [(r["transcript"], r["continue"]) for r in requests_for(bridge, ctx)]
-    # Sent at word boundaries; the held partial word goes with the next token.
-    assert sent == [("Good ", True), ("morning, how ", True), ("can I ", True), ("help?", True), ("", False)]
+    # Sent at word boundaries; the held partial word goes with the next token. The last word and
+    # the close (continue:false) are made in one turn, so they go as one input.
+    assert sent == [("Good ", True), ("morning, how ", True), ("can I ", True), ("help?", False)]
     spoken = await agent.next("spoken", 10)
     assert spoken["text"] == "Good morning, how can I help?" and spoken["utteranceId"] == ctx
     assert spoken["durationMs"] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 
 import aiohttp
@@ -77,7 +78,8 @@ async def test_signed_call_plays_emulator_audio_byte_for_byte(make_bridge: Bridg
     assert value(samples, "bridge_active_calls") == 1
     # The exact Cartesia requests: one context, continuations, pcm_mulaw 8 kHz, timestamps asked.
     requests = [obj for _c, obj in bridge.emulator.received if obj.get("context_id") == ctx]
-    assert requests[-1]["continue"] is False and requests[-1]["transcript"] == ""
+    assert requests[-1]["continue"] is False
+    assert all(r["continue"] is True for r in requests[:-1])
     assert all(r["output_format"] == {"container": "raw", "encoding": "pcm_mulaw", "sample_rate": 8000}
                for r in requests)
     assert all(r["add_timestamps"] is True for r in requests)
@@ -314,3 +316,28 @@ async def test_webhooks_whose_stream_never_comes_do_not_fill_the_bridge(make_bri
     await late.connect()
     assert await late.wait_until(lambda: late.record.media_bytes > 0, 5)
     await late.hangup()
+
+
+async def test_a_burst_of_tokens_goes_to_cartesia_as_few_inputs_with_the_same_text(make_bridge: BridgeFactory) -> None:
+    """The built-in agent delivers its long passage word by word in one loop turn (~100 tokens).
+    The first word starts the context at once; the rest are joined, one input per sentence
+    (where Cartesia starts generating), never changing the text."""
+    from bridge.agent.builtin import LONG_PASSAGE
+    from bridge.session import MAX_MERGED_CHARS
+
+    bridge = await make_bridge({"GREETING": "Hi."})
+    call = bridge.call()
+    await call.place()
+    await call.connect()
+    assert await wait_for(lambda: len(context_ids(bridge)) == 1, 5)
+    await call.send_dtmf("9")
+    assert await wait_for(lambda: len(context_ids(bridge)) == 2 and any(
+        r.get("continue") is False for _c, r in bridge.emulator.received if r.get("context_id") == context_ids(bridge)[1]), 5)
+    requests = [obj for _c, obj in bridge.emulator.received if obj.get("context_id") == context_ids(bridge)[1]]
+    words = LONG_PASSAGE.split(" ")
+    sentences = re.findall(r".*?[.!?] |.+$", LONG_PASSAGE)
+    expected = [words[0] + " ", sentences[0][len(words[0]) + 1:], *sentences[1:]]
+    assert [r["transcript"] for r in requests] == expected, "first word alone, then one input per sentence"
+    assert all(r["continue"] for r in requests[:-1]) and requests[-1]["continue"] is False
+    assert all(len(r["transcript"]) <= MAX_MERGED_CHARS for r in requests)
+    await call.hangup()

@@ -112,3 +112,32 @@ def test_timestamps_with_a_bad_entry_are_dropped_whole() -> None:
                                    "word_timestamps": {"words": ["a", "b"], "start": [0, None], "end": [0.1, 0.2]}})
     assert isinstance(msg, cp.WordTimestamps)
     assert msg.start == [], "a null must not shift later times onto the wrong word"
+
+
+def _req(text: str, **kw: object) -> cp.GenerationRequest:
+    base: dict[str, object] = {"context_id": "c1", "transcript": text, "model_id": "sonic-3", "voice_id": "v1",
+                               "continue_": True}
+    base.update(kw)
+    return cp.GenerationRequest(**base)  # type: ignore[arg-type]
+
+
+def test_merge_continuation_joins_text_and_takes_the_later_flags() -> None:
+    merged = cp.merge_continuation(_req("Hello "), _req("there.", continue_=False))
+    assert merged is not None
+    assert merged.transcript == "Hello there." and merged.continue_ is False and merged.flush is False
+    flushed = cp.merge_continuation(_req("Hello "), _req("", flush=True))
+    assert flushed is not None and flushed.flush is True and flushed.continue_ is True
+    assert flushed.to_wire()["transcript"] == "Hello "
+
+
+@pytest.mark.parametrize("first, then", [
+    (_req("a ", continue_=False), _req("b ")),  # the first closed the context
+    (_req("a ", flush=True), _req("b ")),  # a flush marks a point in the stream
+    (_req("a "), _req("b ", context_id="c2")),
+    (_req("a "), _req("b ", voice_id="v2")),
+    (_req("a "), _req("b ", generation_config={"speed": 1.2})),
+    (_req("a "), _req("b ", max_buffer_delay_ms=0)),
+])
+def test_merge_continuation_refuses_inputs_that_differ_in_more_than_text(
+        first: cp.GenerationRequest, then: cp.GenerationRequest) -> None:
+    assert cp.merge_continuation(first, then) is None

@@ -21,7 +21,8 @@ Audio stays base64 text in ``Chunk.data``: the bridge decodes it only to cut
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from operator import attrgetter
 from typing import Any, Final, Union
 
 #: Versions at or after this date use the structured error shape (D5).
@@ -173,6 +174,30 @@ class GenerationRequest:
         if self.duration is not None:
             wire["duration"] = self.duration
         return wire
+
+
+#: Fields two requests may differ in and still be sent as one.
+_MERGEABLE: Final = frozenset({"transcript", "continue_", "flush"})
+#: Text that ends a sentence (what Cartesia waits for before generating streamed text).
+ENDS_SENTENCE: Final = re.compile(r"[.!?;:][\"')\]]*\s+$")
+
+
+#: Every field but the mergeable ones, as one tuple (derived, so a new field is never ignored).
+_identity: Final = attrgetter(*(f.name for f in fields(GenerationRequest) if f.name not in _MERGEABLE))
+
+
+def merge_continuation(first: GenerationRequest, then: GenerationRequest) -> GenerationRequest | None:
+    """``first`` followed by ``then`` as one request, or ``None`` when they must go separately.
+
+    Cartesia concatenates the transcripts of a context's inputs, so two inputs
+    that differ only in text are one input with the texts joined, as long as
+    the first leaves the context open (``continue``) and does not ask for a
+    flush (a flush marks a point in the stream). The result takes ``then``'s
+    ``continue`` and ``flush``.
+    """
+    if not first.continue_ or first.flush or _identity(first) != _identity(then):
+        return None
+    return replace(first, transcript=first.transcript + then.transcript, continue_=then.continue_, flush=then.flush)
 
 
 @dataclass(frozen=True, slots=True)
