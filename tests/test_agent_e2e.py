@@ -254,3 +254,49 @@ def test_builtin_demo_agent_twiml_has_no_agent_parameter() -> None:
     xml = connect_stream(stream_url="wss://x/twilio/media", status_callback=None, parameters={})
     parsed = parse_connect_stream(xml)
     assert parsed is not None and parsed.parameters == {}
+
+
+async def test_a_caller_that_stops_reading_gets_every_frame_in_order_after_the_drain(
+        make_bridge: BridgeFactory, agent: AgentServer) -> None:
+    """Twilio's socket backs up: the bridge queues instead of writing past 64 KiB unsent, a drain
+    task writes the queue once the transport empties, and the caller gets every frame in order."""
+    import socket
+
+    import aiohttp
+
+    from bridge.session import TWILIO_WRITE_HIGH_WATER
+
+    def small_receive_buffer(addr_info: Any) -> socket.socket:
+        family, kind, proto, _name, _addr = addr_info
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window is small
+        return sock
+
+    bridge = await make_bridge({"AGENT_URL": agent.url, "PLAYOUT_LEAD_MS": "10000"})
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(socket_factory=small_receive_buffer)) as http:
+        call = bridge.call()
+        call.session = http
+        await call.place()
+        await call.connect()
+        await agent.next("setup")
+        (session,) = bridge.server.calls
+        sock = session.ws._req.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        # The caller stops reading: ~10 s of lead (~110 KB of media messages) cannot leave the bridge.
+        client = call._ws._conn.transport  # type: ignore[union-attr]
+        client.pause_reading()
+        await agent.send({"type": "text", "token": " ".join(["backpressure"] * 40) + ".", "last": True})
+        assert await wait_for(lambda: session._drain_task is not None, 5), "the bridge never saw the socket back up"
+        assert session.ws.write_buffer_size > TWILIO_WRITE_HIGH_WATER - 8192
+        assert await wait_for(lambda: len(session._outbox) > 0, 5), "messages wait in the outbox, not the transport"
+        client.resume_reading()
+        assert await wait_for(lambda: call.record.media_bytes >= 9 * 8000, 10), "the queued lead never arrived"
+        assert await wait_for(lambda: session._drain_task is None, 5), "the drain task never finished"
+        (ctx,) = context_ids(bridge)
+        produced = bridge.emulator.produced_audio(ctx)
+        assert produced is not None
+        received = bytes(call.record.received_audio)
+        assert received == produced[:len(received)], "every frame, in order, nothing lost or repeated"
+        assert call.record.protocol_errors == []
+        await call.hangup()
+        assert await wait_for(lambda: not bridge.server.calls, 5)
