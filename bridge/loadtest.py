@@ -228,6 +228,28 @@ def split_utterances(stream: bytes, clear_offsets: list[int], index: AudioIndex)
     return spans
 
 
+def explain_mismatch(stream: bytes, span: Span, index: AudioIndex) -> dict[str, Any]:
+    """What a mismatching span looks like next to the closest emulator audio: the context whose
+    audio shares the longest prefix with it, and where (frame-aligned) they part. For a report
+    reader chasing a mismatch; costs a scan of every distinct context audio, so only for examples."""
+    got = stream[span.start:span.end]
+    best: tuple[int, Blob] | None = None
+    for blob in index._by_hash.values():  # noqa: SLF001 - same module
+        n = 0
+        limit = min(len(got), len(blob.audio))
+        while n < limit and got[n:n + FRAME_BYTES] == blob.audio[n:n + FRAME_BYTES]:
+            n += FRAME_BYTES
+        if best is None or n > best[0]:
+            best = (n, blob)
+    out: dict[str, Any] = {"bytes": len(got), "first_frame_known": stream[span.start:span.start + FRAME_BYTES]
+                           in index.by_head}
+    if best is not None and best[0]:
+        n, blob = best
+        out.update({"closest_contexts": blob.contexts[:3], "closest_audio_bytes": len(blob.audio),
+                    "same_for_bytes": min(n, len(got))})
+    return out
+
+
 # -------------------------------------------------------------- per-call data
 
 
@@ -318,7 +340,7 @@ def integrity_summary(results: list[CallResult], index: AudioIndex | None) -> di
             "frame_shape_errors": frame_errors,
         }
     c = Counter(s.status for r in results for s in r.spans)
-    bad = [(r.index, s) for r in results for s in r.spans if s.status == "mismatch"]
+    bad = [(r, s) for r in results for s in r.spans if s.status == "mismatch"]
     return {
         "method": "exact: caller's received bytes split into emulator contexts' audio (0xFF-padded to 160 B)",
         "checked": True,
@@ -326,8 +348,12 @@ def integrity_summary(results: list[CallResult], index: AudioIndex | None) -> di
         "utterances_interrupted": c["interrupted"],
         "utterances_cut_by_hangup": c["cut"],
         "mismatches": c["mismatch"] + frame_errors,
-        "mismatched_bytes": sum(s.end - s.start for _i, s in bad),
-        "mismatch_examples": [{"call": i, "start": s.start, "end": s.end} for i, s in bad[:10]],
+        "mismatched_bytes": sum(s.end - s.start for _r, s in bad),
+        "mismatch_examples": [
+            {"call": r.index, "start": s.start, "end": s.end,
+             **(explain_mismatch(bytes(r.call.record.received_audio), s, index) if r.call is not None else {})}
+            for r, s in bad[:10]
+        ],
         "frame_shape_errors": frame_errors,
         "emulator_contexts": index.contexts,
         "emulator_contexts_cancelled": index.cancelled,

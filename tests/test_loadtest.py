@@ -23,6 +23,7 @@ from bridge.loadtest import (
     LoadTest,
     Options,
     analyze_call,
+    explain_mismatch,
     integrity_summary,
     main,
     split_utterances,
@@ -167,6 +168,20 @@ def test_split_exact_utterances_and_a_corrupted_byte() -> None:
         assert sum(s.status == "ok" for s in spans) == 2  # resynchronised on the next utterance
 
 
+def test_a_mismatch_is_explained_by_the_closest_context_and_where_they_part() -> None:
+    bad = bytearray(_padded(A))
+    bad[700] ^= 0x40  # inside the fifth frame
+    idx = _index(A, B)
+    (span,) = [s for s in split_utterances(bytes(bad), [], idx) if s.status == "mismatch"]
+    why = explain_mismatch(bytes(bad), span, idx)
+    assert why["closest_contexts"] == ["ctx0"] and why["closest_audio_bytes"] == len(A)
+    assert why["same_for_bytes"] == 640, "four whole frames agree, the fifth differs"
+    assert why["first_frame_known"] is True
+    stranger = bytes(320)
+    (span,) = split_utterances(stranger, [], idx)
+    assert explain_mismatch(stranger, span, idx) == {"bytes": 320, "first_frame_known": False}
+
+
 def test_split_interrupted_by_clear_and_cut_by_hangup() -> None:
     stream = A[:480] + _padded(B) + A[:320]
     spans = split_utterances(stream, [480], _index(A, B))
@@ -191,6 +206,7 @@ def test_underrun_only_inside_an_utterance_and_jitter() -> None:
     res = CallResult(0, triggers=[(9.9, "greeting"), (10.9, "dtmf")], call=SimpleNamespace(record=rec))
     analyze_call(res, idx)
     assert res.underruns == [0.25]
+    assert res.underrun_at_s == [(0, 0.1)], "in the first utterance, after its first 100 ms"
     assert [round(v, 3) for _k, v in res.ttfa_s] == [0.1, 0.1]
     assert res.jitter_s and abs(res.jitter_s[0] - 0.1) < 1e-9  # 200 ms apart for 100 ms of audio
 
