@@ -1121,7 +1121,9 @@ class LoadTest:
             # The emulator's own view: how late its scheduler sent chunks (0 = on time). Late chunks
             # here explain caller underruns that the bridge counts as tts_late gaps.
             "emulator": ({"chunks": self.emulator.chunks_total,
-                          "chunk_lateness_ms": self.emulator.lateness_ms()} if self.emulator is not None else None),
+                          "chunk_lateness_ms": self.emulator.lateness_ms(),
+                          "first_chunk_lateness_ms": self.emulator.lateness_ms(first_chunks=True)}
+                         if self.emulator is not None else None),
             "loadtester": {"cpu_percent_mean": _r(sum(tester) / len(tester) if tester else None),
                            "cpu_percent_max": _r(max(tester) if tester else None),
                            "note": "the simulated callers + emulator share this process; near 100% means "

@@ -14,13 +14,13 @@ Limits:
   is not draining).
 * Per utterance, at most ``MAX_PENDING_REQUESTS`` Cartesia inputs wait for
   admission; beyond that the utterance fails and the agent is told.
-* Cartesia inputs: a context's first input is written at once (it starts the
-  TTFB clock). Later inputs made in the same event-loop turn (an agent that
-  delivers a passage as a burst of tokens) are joined into one input of at
-  most ``MAX_MERGED_CHARS`` characters, written when it ends a sentence (where
-  Cartesia starts generating) or when the turn ends: one message per sentence
-  instead of one per token, same text (``merge_continuation``). At most one
-  such input is held per context.
+* Cartesia inputs made in one event-loop turn (an agent that delivers a
+  passage as a burst of tokens) are joined into one input of at most
+  ``MAX_MERGED_CHARS`` characters, written as soon as it ends a sentence or
+  closes the context (where Cartesia starts generating) and otherwise when the
+  turn ends: one message per sentence instead of one per token, same text
+  (``merge_continuation``). A token that arrives alone waits one loop turn at
+  most. At most one such input is held per context.
 """
 
 from __future__ import annotations
@@ -401,9 +401,19 @@ class CallSession:
     def _send_cartesia(self, utterance_id: str, request: GenerationRequest) -> None:
         if not request.continue_:
             self._arm_deadline(utterance_id)
+        if utterance_id not in self._leases and utterance_id not in self._pending:
+            # A new context: admitted at once when a slot and a socket are free, else it waits.
+            lease = self.server.pool.try_open_context(utterance_id, self)
+            if lease is None:
+                self._pending[utterance_id] = [request]
+                self._admissions[utterance_id] = asyncio.get_running_loop().create_task(
+                    self._admit(utterance_id), name=f"admit-{utterance_id}"
+                )
+                return
+            self._leases[utterance_id] = lease
+            self._last_heard[utterance_id] = time.monotonic()
         if utterance_id in self._leases:
-            # Not the context's first input (that went out when the lease was made): join it with
-            # the rest of this turn's inputs, written once the turn ends.
+            # Join it with the rest of this turn's inputs; written at a sentence end or the turn's end.
             held = self._held.get(utterance_id)
             if held is not None:
                 merged = merge_continuation(held, request)
@@ -414,35 +424,20 @@ class CallSession:
                     if utterance_id not in self._leases:
                         return  # that write failed and the utterance is being resumed from its text
             self._held[utterance_id] = request
-            if ENDS_SENTENCE.search(request.transcript):
-                # Cartesia starts generating at a sentence end: do not make it wait for the rest.
+            if ENDS_SENTENCE.search(request.transcript) or not request.continue_:
+                # Cartesia starts generating at a sentence end (or at the close): do not make it wait.
                 self._write_one_held(utterance_id)
             elif self._held_write is None:
                 self._held_write = asyncio.get_running_loop().call_soon(self._write_held)
             return
-        pending = self._pending.get(utterance_id)
-        if pending is None:
-            lease = self.server.pool.try_open_context(utterance_id, self)
-            if lease is not None:
-                self._leases[utterance_id] = lease
-                self._last_heard[utterance_id] = time.monotonic()
-                try:
-                    lease.send(request)
-                except ContextError as exc:
-                    self._context_failed(utterance_id, str(exc), retry=True, cause=_retry_cause(exc))
-                return
-            self._pending[utterance_id] = [request]
-            self._admissions[utterance_id] = asyncio.get_running_loop().create_task(
-                self._admit(utterance_id), name=f"admit-{utterance_id}"
-            )
+        pending = self._pending[utterance_id]
+        merged = merge_continuation(pending[-1], request)
+        if merged is not None and len(merged.transcript) <= MAX_MERGED_CHARS:
+            pending[-1] = merged
+        elif len(pending) >= MAX_PENDING_REQUESTS:
+            self._context_failed(utterance_id, "too many inputs waiting for admission")
         else:
-            merged = merge_continuation(pending[-1], request)
-            if merged is not None and len(merged.transcript) <= MAX_MERGED_CHARS:
-                pending[-1] = merged
-            elif len(pending) >= MAX_PENDING_REQUESTS:
-                self._context_failed(utterance_id, "too many inputs waiting for admission")
-            else:
-                pending.append(request)
+            pending.append(request)
 
     def _write_held(self) -> None:
         """End of the loop turn: write every context's joined input."""

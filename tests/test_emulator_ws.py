@@ -390,6 +390,8 @@ async def test_stats_and_context_endpoints(emulator_factory: EmulatorFactory) ->
         async with session.get(f"{emu.http_url}/emulator/contexts/nope") as resp:
             assert resp.status == 404
     assert stats["handshakes"] == 1 and stats["contexts_total"] == 1 and stats["active_contexts"] == 0
+    assert stats["chunks_total"] >= 1 and stats["first_chunk_lateness_ms"]["max"] is not None
+    assert len(emu._first_lateness) == 1, "one generation, one first chunk"  # noqa: SLF001
     assert rec["transcript"] == "record me" and rec["done"] and not rec["cancelled"]
     assert base64.b64decode(rec["audio_b64"]) == tone("record me") and rec["bytes"] == len(tone("record me"))
     assert rec["word_timestamps"]["words"] == ["record", "me"]

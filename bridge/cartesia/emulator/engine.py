@@ -356,9 +356,10 @@ class Context:
                 end = min(len(audio), job.pos + self.chunk_bytes)
                 data = audio[job.pos : end]
                 lateness = max(0.0, now - job.next_due)
-                step_ms = (now - job.t_start) * 1000.0 if job.pos == 0 else 0.0
+                first = job.pos == 0
+                step_ms = (now - job.t_start) * 1000.0 if first else 0.0
                 job.pos = end
-                conn.emit_chunk(self, data, job.flush_id, step_ms, lateness)
+                conn.emit_chunk(self, data, job.flush_id, step_ms, lateness, first=first)
                 self.last_audio_at = now
                 self._emit_timestamps(job, end // self.fmt.bytes_per_sample)
                 interval = (len(data) / self.fmt.bytes_per_second) * settings.rtf
@@ -492,10 +493,11 @@ class Connection:
         self.emit(err)
         self.wake()
 
-    def emit_chunk(self, ctx: Context, data: bytes, flush_id: int, step_ms: float, lateness: float) -> None:
+    def emit_chunk(self, ctx: Context, data: bytes, flush_id: int, step_ms: float, lateness: float,
+                   *, first: bool = False) -> None:
         msg = Chunk(ctx.id, base64.b64encode(data).decode("ascii"), round(step_ms, 3), flush_id)
         self.outbox.append(orjson.dumps(encode_server_message(msg, self.version)))
-        self.emulator._chunk_sent(lateness)
+        self.emulator._chunk_sent(lateness, first=first)
         if ctx.record is not None:
             ctx.record.audio += data
             ctx.record.chunks += 1

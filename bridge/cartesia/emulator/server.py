@@ -98,6 +98,8 @@ class Emulator:
         self.received: deque[tuple[int, Any]] = deque(maxlen=self.settings.received_cap)
         self._records: OrderedDict[str, ContextRecord] = OrderedDict()
         self._lateness: deque[float] = deque(maxlen=LATENESS_CAP)
+        #: The same, for first chunks only: how far the emulator's TTFB overshot its setting.
+        self._first_lateness: deque[float] = deque(maxlen=LATENESS_CAP)
         self._connections: dict[int, Connection] = {}
         self._next_conn_id = 0
         self._tokens: dict[str, float] = {}
@@ -172,8 +174,9 @@ class Emulator:
         """Recorded contexts in creation order (at most ``record_contexts``, oldest evicted)."""
         return list(self._records.values())
 
-    def lateness_ms(self) -> dict[str, float | None]:
-        values = list(self._lateness)
+    def lateness_ms(self, *, first_chunks: bool = False) -> dict[str, float | None]:
+        """Send time minus scheduled time of chunks (or of first chunks only): p50/p99/max, ms."""
+        values = list(self._first_lateness if first_chunks else self._lateness)
         return {
             "p50": _ms(_percentile(values, 0.5)),
             "p99": _ms(_percentile(values, 0.99)),
@@ -191,12 +194,14 @@ class Emulator:
             "received": len(self.received),
             "recorded_contexts": len(self._records),
             "chunk_lateness_ms": self.lateness_ms(),
+            "first_chunk_lateness_ms": self.lateness_ms(first_chunks=True),
             "tone_cache": {"hits": self.tone.cache_hits, "misses": self.tone.cache_misses},
             "voice_backend": self.settings.voice_backend,
         }
 
     def reset_lateness(self) -> None:
         self._lateness.clear()
+        self._first_lateness.clear()
 
     # ------------------------------------------------- engine callbacks (sync)
 
@@ -220,9 +225,11 @@ class Emulator:
         if ctx.record is not None:
             ctx.record.finished_at = time.time()
 
-    def _chunk_sent(self, lateness: float) -> None:
+    def _chunk_sent(self, lateness: float, *, first: bool = False) -> None:
         self.chunks_total += 1
         self._lateness.append(lateness)
+        if first:
+            self._first_lateness.append(lateness)
 
     def _received(self, conn_id: int, obj: Any) -> None:
         self.received.append((conn_id, obj))
