@@ -97,12 +97,11 @@ class PlayoutGap:
     """Estimated silence inside an utterance (see module docstring)."""
 
     utterance_id: str
-    cause: str  # "tts_late" or "held"
+    cause: str  # "tts_late" or "held" (the label values of metrics' playout_gaps)
     seconds: float
     at_ms: int  # position in the utterance where the silence fell
 
 
-GAP_CAUSES: Final = ("tts_late", "held")
 #: Shorter estimated gaps are not recorded (the estimate is not that exact), s.
 GAP_TOLERANCE_S: Final = 0.001
 
