@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -23,6 +26,21 @@ class Listener:
 
     def on_context_lost(self, context_id: str, reason: str) -> None:
         self.lost.append(context_id)
+
+
+@contextlib.asynccontextmanager
+async def pool_on_emulator(settings: EmulatorSettings, metrics: BridgeMetrics | None = None,
+                           **pool_options: Any) -> AsyncIterator[tuple[Emulator, CartesiaPool]]:
+    """A started emulator and a pool of sockets to it; both stopped afterwards."""
+    emulator = Emulator(settings)
+    await emulator.start()
+    pool = CartesiaPool(url=str(emulator.url), api_key=None, version="2026-03-01",
+                        metrics=metrics or BridgeMetrics(), **pool_options)
+    try:
+        yield emulator, pool
+    finally:
+        await pool.close()
+        await emulator.stop()
 
 
 async def test_cancelled_waiter_during_outage_does_not_leak_a_slot() -> None:
@@ -57,12 +75,7 @@ async def test_cancelled_waiter_during_outage_does_not_leak_a_slot() -> None:
 
 
 async def test_admission_deadline_raises_and_frees_the_queue() -> None:
-    emulator = Emulator(EmulatorSettings())
-    await emulator.start()
-    metrics = BridgeMetrics()
-    pool = CartesiaPool(url=str(emulator.url), api_key=None, version="2026-03-01", metrics=metrics, size=1,
-                        max_concurrency=1)
-    try:
+    async with pool_on_emulator(EmulatorSettings(), size=1, max_concurrency=1) as (_emulator, pool):
         await pool.prewarm(5)
         lease = await pool.open_context("a", Listener(), 1.0)
         with pytest.raises(AdmissionError):
@@ -72,18 +85,12 @@ async def test_admission_deadline_raises_and_frees_the_queue() -> None:
         assert pool.active_contexts == 0
         again = await pool.open_context("c", Listener(), 0.5)
         again.abandon()
-    finally:
-        await pool.close()
-        await emulator.stop()
 
 
 async def test_idle_socket_is_replaced_before_cartesia_would_close_it_but_busy_one_is_not() -> None:
-    emulator = Emulator(EmulatorSettings(idle_timeout_s=5))
-    await emulator.start()
     metrics = BridgeMetrics()
-    pool = CartesiaPool(url=str(emulator.url), api_key=None, version="2026-03-01", metrics=metrics, size=1,
-                        max_age_s=0.4)
-    try:
+    async with pool_on_emulator(EmulatorSettings(idle_timeout_s=5), metrics, size=1, max_age_s=0.4) as (
+            emulator, pool):
         await pool.prewarm(5)
         assert emulator.handshakes == 1
         await asyncio.sleep(1.0)  # idle well past max_age: replaced by us, not closed by Cartesia
@@ -98,9 +105,6 @@ async def test_idle_socket_is_replaced_before_cartesia_would_close_it_but_busy_o
         assert emulator.handshakes == before
         assert listener.lost == []
         lease.abandon()
-    finally:
-        await pool.close()
-        await emulator.stop()
 
 
 async def test_one_call_flooding_text_cannot_fill_the_socket_for_its_neighbours(
@@ -110,15 +114,8 @@ async def test_one_call_flooding_text_cannot_fill_the_socket_for_its_neighbours(
 
     # A backed-up transport (Cartesia reading slower than we write): every send queues.
     monkeypatch.setattr(client, "DIRECT_WRITE_MAX_BUFFERED", -1)
-    from bridge.cartesia.emulator.voices import DEFAULT_VOICE_ID
-    from bridge.cartesia.protocol import Done, GenerationRequest
-
-    emulator = Emulator(EmulatorSettings(ttfb_ms=5))
-    await emulator.start()
-    pool = CartesiaPool(url=str(emulator.url), api_key=None, version="2026-03-01", metrics=BridgeMetrics(),
-                        size=1, max_concurrency=4)
     flooder, neighbour = Listener(), Listener()
-    try:
+    async with pool_on_emulator(EmulatorSettings(ttfb_ms=5), size=1, max_concurrency=4) as (_emulator, pool):
         assert await pool.prewarm(5)
         greedy = await pool.open_context("greedy", flooder, 1.0)
         polite = await pool.open_context("polite", neighbour, 1.0)
@@ -142,17 +139,10 @@ async def test_one_call_flooding_text_cannot_fill_the_socket_for_its_neighbours(
         again = await pool.open_context("greedy-2", flooder, 1.0)
         again.send(word("greedy-2", "ok", cont=False))
         again.cancel()
-    finally:
-        await pool.close()
-        await emulator.stop()
 
 
 async def test_immediate_admission_only_when_a_slot_is_free_and_nobody_waits() -> None:
-    emulator = Emulator(EmulatorSettings(ttfb_ms=1, rtf=0))
-    await emulator.start()
-    pool = CartesiaPool(url=str(emulator.url), api_key=None, version="2026-03-01", metrics=BridgeMetrics(), size=1,
-                        max_concurrency=2)
-    try:
+    async with pool_on_emulator(EmulatorSettings(ttfb_ms=1, rtf=0), size=1, max_concurrency=2) as (_emulator, pool):
         assert pool.try_open_context("early", Listener()) is None  # no socket yet: the caller must wait
         await pool.prewarm(5)
         first = pool.try_open_context("a", Listener())
@@ -180,6 +170,3 @@ async def test_immediate_admission_only_when_a_slot_is_free_and_nobody_waits() -
         assert any(isinstance(m, Done) for m in listener.messages)
         lease_d.cancel()
         assert pool.active_contexts == 0  # "b" was released by its done, "d" by the cancel
-    finally:
-        await pool.close()
-        await emulator.stop()

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 from aiohttp import WSMsgType, web
 
+from ...inline_ws import frame_text
 from ...logs import log_event
 from ..protocol import (
     CancelRequest,
@@ -144,16 +145,6 @@ class ContextRecord:
         if with_audio:
             out["audio_b64"] = base64.b64encode(audio).decode("ascii")
         return out
-
-
-def _text_frame(payload: bytes) -> bytes:
-    """An unmasked, uncompressed, final WebSocket text frame (RFC 6455 §5.2), server → client."""
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 65536:
-        return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
-    return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
 
 
 class Job:
@@ -563,7 +554,7 @@ class Connection:
                     transport = self.transport
                     if transport is not None and not transport.is_closing() and not ws.closed:
                         # One write (one syscall) per scheduler turn: whole frames, never interleaved.
-                        transport.write(b"".join([_text_frame(f) for f in out]))
+                        transport.write(b"".join([frame_text(f) for f in out]))
                         # No drain event on a bare transport: poll its buffer.
                         while transport.get_write_buffer_size() > WRITE_HIGH_WATER and not transport.is_closing():  # noqa: ASYNC110
                             await asyncio.sleep(0.002)
