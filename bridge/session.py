@@ -424,7 +424,8 @@ class CallSession:
                     if utterance_id not in self._leases:
                         return  # that write failed and the utterance is being resumed from its text
             self._held[utterance_id] = request
-            if ENDS_SENTENCE.search(request.transcript) or not request.continue_:
+            # Only the tail can end a sentence: no rescan of the whole joined text per token.
+            if not request.continue_ or ENDS_SENTENCE.search(request.transcript, max(0, len(request.transcript) - 16)):
                 # Cartesia starts generating at a sentence end (or at the close): do not make it wait.
                 self._write_one_held(utterance_id)
             elif self._held_write is None:

@@ -243,6 +243,10 @@ def test_cli_flags_and_faults() -> None:
     assert s.faults == FaultSettings(50, 0.1, 0.05, 200.0, 0.1)
     with pytest.raises(ValueError):
         settings_from_args(build_parser().parse_args(["--fault", "explode=1"]))
+    assert settings_from_args(build_parser().parse_args(["--pacing-slack-ms", "0"])).pacing_slack_ms == 0
+    for bad in ("-1", "51"):
+        with pytest.raises(ValueError, match="pacing_slack_ms must be in"):
+            settings_from_args(build_parser().parse_args(["--pacing-slack-ms", bad]))
 
 
 def test_cli_serves(tmp_path: object) -> None:
