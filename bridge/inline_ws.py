@@ -31,19 +31,17 @@ aiohttp loses the hook.
 from __future__ import annotations
 
 import inspect
-import struct
 from collections.abc import Callable, Iterable
-from typing import Any, Final
+from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
 
+from bridge.wsframe import frame_text
+
 #: A sink gets the text of one message and says whether it consumed it.
 Sink = Callable[[str], bool]
 
-_HEADER_16: Final = struct.Struct("!BBH")
-_HEADER_64: Final = struct.Struct("!BBQ")
-_FIN_TEXT: Final = 0x81
 
 try:
     from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
@@ -59,15 +57,6 @@ try:
 except (ImportError, AttributeError, ValueError):  # pragma: no cover - depends on the installed aiohttp
     INLINE_RECEIVE = False
 
-
-def frame_text(payload: bytes) -> bytes:
-    """One unmasked, final TEXT frame (server -> client) carrying ``payload``."""
-    n = len(payload)
-    if n < 126:
-        return bytes((_FIN_TEXT, n)) + payload
-    if n < 65536:
-        return _HEADER_16.pack(_FIN_TEXT, 126, n) + payload
-    return _HEADER_64.pack(_FIN_TEXT, 127, n) + payload
 
 
 if INLINE_RECEIVE:

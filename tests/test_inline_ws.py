@@ -16,7 +16,8 @@ import pytest
 import websockets
 from aiohttp import WSMsgType, web
 
-from bridge.inline_ws import INLINE_RECEIVE, InlineWebSocketResponse, frame_text
+from bridge.inline_ws import INLINE_RECEIVE, InlineWebSocketResponse
+from bridge.wsframe import frame_text
 from metrics.scrape import value
 
 from .conftest import BridgeFactory

@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 from aiohttp import WSMsgType, web
 
-from ...inline_ws import frame_text
 from ...logs import log_event
+from ...wsframe import frame_text
 from ..protocol import (
     CancelRequest,
     Chunk,
