@@ -26,10 +26,11 @@ import binascii
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
 from bridge.agent import protocol as agent_proto
+from bridge.agent.relay_settings import RelaySettings
 from bridge.cartesia.protocol import (
     Chunk,
     Done,
@@ -39,6 +40,8 @@ from bridge.cartesia.protocol import (
     ServerMessage,
     WordTimestamps,
 )
+from bridge.cartesia.stt_protocol import SttError, SttFlushDone, SttServerMessage, SttTranscript, SttTurnEvent
+from bridge.hearing import FinalizeDue, HearingEvent, PartialText, SpeechStarted, TurnComplete, TurnTracker
 from bridge.logs import log_event
 from bridge.playout import Playout, PlayoutGap, SendMark
 from metrics import BridgeMetrics
@@ -85,7 +88,38 @@ class EndCall:
     handoff_data: Any = None
 
 
-Action = Union[ToTwilio, ToCartesia, CancelCartesia, ToAgent, EndCall, ResumeLater]
+@dataclass(frozen=True, slots=True)
+class SttFinalize:
+    """Ask Cartesia STT to turn what the caller said so far into a final transcript."""
+
+
+@dataclass(frozen=True, slots=True)
+class SttReconfigure:
+    """Reopen the call's STT socket with another language (Cartesia code) and keyterms."""
+
+    language: str
+    keyterms: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FetchPlay:
+    """Fetch ``source`` (allowlisted), transcode to μ-law 8 kHz, then ``CallCore.play_audio``."""
+
+    source: str
+    loop: int
+    interruptible: str
+    preemptible: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PlayDigits:
+    """Render ``digits`` as in-band DTMF tones, then ``CallCore.play_audio``."""
+
+    digits: str
+
+
+Action = Union[ToTwilio, ToCartesia, CancelCartesia, ToAgent, EndCall, ResumeLater, SttFinalize, SttReconfigure,
+               FetchPlay, PlayDigits]
 
 #: Re-sends of one utterance on new contexts (socket loss, 429) before giving up.
 MAX_RESUMES = 5
@@ -93,6 +127,10 @@ MAX_RESUMES = 5
 BACKOFF_BASE_S = 0.2
 #: Audio received without any word timestamp before the horizon is given up (bytes = 500 ms).
 HORIZON_GIVE_UP_BYTES = 4000
+#: ``<Parameter>`` names the bridge adds for itself; not passed on in ``setup.customParameters``.
+INTERNAL_PARAMETER_PREFIX = "x-bridge-"
+#: Which interruptible modes let each barge-in source cut speech (an agent ``interrupt`` always may).
+_MODES_CUT_BY = {"vad": ("speech", "any"), "stt": ("speech", "any"), "dtmf": ("dtmf", "any")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +149,10 @@ class CallSettings:
     vad_min_speech_ms: int = 120
     vad_hangover_ms: int = 200
     retry_window_s: float = 5.0
+    #: ConversationRelay's TwiML attributes for this call (greeting, interruptible, ...).
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    #: The caller's audio goes to Cartesia STT (prompts for the agent).
+    stt_enabled: bool = False
 
 
 @dataclass(slots=True)
@@ -118,7 +160,7 @@ class Utterance:
     """One agent turn = one Cartesia context."""
 
     utterance_id: str
-    interruptible: bool
+    interruptible: str  # ConversationRelay mode: none | dtmf | speech | any
     voice_id: str
     language: str
     generation_config: dict[str, Any] | None
@@ -144,6 +186,8 @@ class Utterance:
     horizon_bytes: int = 0  # utterance timeline: end of the last word with a timestamp
     timestamps_seen: bool = False
     horizon_off: bool = False  # this context sends no timestamps: release audio as it comes
+    preemptible: bool = False  # cut without an interrupt when the agent starts the next utterance
+    audio_only: bool = False  # play / sendDigits: audio from the bridge, no Cartesia context
 
 
 class EnergyVad:
@@ -239,6 +283,19 @@ class CallCore:
         self.late_chunks = 0
         self.gaps: dict[str, int] = {}  # cause -> count, this call
         self.gap_ms: dict[str, float] = {}
+        # Speech in (ConversationRelay): settings may change mid-call with ``config``.
+        self.relay = settings.relay
+        self.stt_connected = False  # the I/O layer says when the STT socket is up
+        self.turns: TurnTracker | None = None
+        if settings.stt_enabled:
+            threshold, min_speech_ms, onset_words = self.relay.vad_tuning()
+            self.turns = TurnTracker(speech_timeout_ms=self.relay.speech_timeout_ms, threshold_rms=threshold,
+                                     min_speech_ms=min_speech_ms, onset_words=onset_words)
+        self.speech_onset: float | None = None  # caller speech onset of the current turn
+        self.prompt_end_of_speech: float | None = None  # the last prompt's end of speech (turn TTFA)
+        self.prompt_sent_at: float | None = None
+        self.agent_speaking = False  # for info agentSpeaking on/off
+        self.prompts = 0
 
     # ------------------------------------------------------------- helpers
 
@@ -289,6 +346,9 @@ class CallCore:
         if nbytes:
             self.bytes_sent += nbytes
             self.frames_sent += nbytes // FRAME_BYTES
+            if not self.agent_speaking:
+                self.agent_speaking = True
+                self._info(out, "agentSpeaking", "on", now)
             for gap in self.playout.take_gaps():
                 self._count_gap(gap)
             for utt in self.utterances.values():
@@ -297,6 +357,11 @@ class CallCore:
                     if head is None or head.start_pos is not None:
                         utt.t_first_frame = now
                         self.metrics.text_to_first_frame.observe(now - utt.t_text)
+                        if (self.prompt_end_of_speech is not None and self.prompt_sent_at is not None
+                                and utt.t_text >= self.prompt_sent_at):
+                            # The reply to the caller's turn: what the caller feels.
+                            self.metrics.turn_ttfa.observe(now - self.prompt_end_of_speech)
+                            self.prompt_end_of_speech = None
 
     def _count_gap(self, gap: PlayoutGap) -> None:
         self.metrics.playout_gaps.labels(cause=gap.cause).inc()
@@ -315,28 +380,46 @@ class CallCore:
         self.call_sid = start.call_sid
         self.encoder = OutboundEncoder(start.stream_sid)
         params = start.custom_parameters
+        info = self.call_info
         self._log("stream_started", account_sid=start.account_sid, tracks=start.tracks)
-        return [
+        custom = {k: v for k, v in params.items() if not k.startswith(INTERNAL_PARAMETER_PREFIX)}
+        out: list[Action] = [
             ToAgent(
                 agent_proto.setup_message(
-                    session_id=self.call_info.get("session_id", start.stream_sid),
+                    session_id=info.get("session_id") or "VX" + uuid.uuid5(uuid.NAMESPACE_URL, start.call_sid).hex,
                     call_sid=start.call_sid,
                     stream_sid=start.stream_sid,
                     account_sid=start.account_sid,
-                    from_=params.get("from", self.call_info.get("from", "")),
-                    to=params.get("to", self.call_info.get("to", "")),
-                    direction=params.get("direction", self.call_info.get("direction", "inbound")),
-                    custom_parameters=params,
+                    from_=info.get("from", params.get("from", "")),
+                    to=info.get("to", params.get("to", "")),
+                    direction=info.get("direction", params.get("direction", "inbound")),
+                    custom_parameters=custom,
+                    parent_call_sid=info.get("parent_call_sid", ""),
+                    forwarded_from=info.get("forwarded_from", ""),
+                    call_type=info.get("call_type", "PSTN"),
+                    caller_name=info.get("caller_name", ""),
+                    call_status=info.get("call_status", "IN-PROGRESS"),
                 )
             )
         ]
+        greeting = self.relay.welcome_greeting
+        if greeting:
+            out.extend(self.speak(greeting, last=True, now=now,
+                                  interruptible=self.relay.welcome_greeting_interruptible))
+        return out
 
     def on_media(self, payload: bytes, timestamp_ms: int, now: float) -> list[Action]:
         out: list[Action] = []
         if self.media_to_agent:
             out.append(ToAgent(agent_proto.media_message(base64.b64encode(payload).decode(), timestamp_ms)))
+        turns = self.turns
+        if turns is not None and payload:
+            for event in turns.on_audio(payload, now):
+                self._on_hearing(event, now, out)
         vad = self.vad
-        if vad is not None and payload:
+        # With STT up, barge-in waits for recognised words (echo and noise are not speech);
+        # the energy VAD is the fallback while STT is off or down.
+        if vad is not None and payload and not (turns is not None and self.stt_connected):
             if self.is_speaking:
                 onset = vad.update(payload, now)
                 if onset is not None:
@@ -344,6 +427,82 @@ class CallCore:
             else:
                 vad.reset()
         return out
+
+    # ------------------------------------------------------------ STT in
+
+    def on_stt(self, msg: SttServerMessage, now: float) -> list[Action]:
+        """A Cartesia STT message for this call."""
+        turns = self.turns
+        out: list[Action] = []
+        if turns is None or self.ended:
+            return out
+        if isinstance(msg, SttTranscript):
+            for event in turns.on_transcript(msg, now, partials=self.relay.partial_prompts):
+                self._on_hearing(event, now, out)
+            if msg.text.strip() and self.is_speaking and turns.turn_words >= self.relay.vad_tuning()[2]:
+                onset = self.speech_onset if self.speech_onset is not None else now
+                out.extend(self.interrupt("stt", now, onset=onset))
+        elif isinstance(msg, SttFlushDone):
+            for event in turns.on_flush_done(now):
+                self._on_hearing(event, now, out)
+        elif isinstance(msg, SttTurnEvent):
+            if msg.kind == "turn.end":
+                out.extend(self.on_stt(SttTranscript(True, msg.transcript), now))
+        elif isinstance(msg, SttError):
+            self._log("stt_error", logging.WARNING, status=msg.status_code, error_code=msg.error_code,
+                      message=msg.message)
+        return out
+
+    def on_stt_lost(self, reason: str, *, turn_lost: bool) -> list[Action]:
+        """The STT socket died; with ``turn_lost`` the caller's turn in progress is gone."""
+        self.stt_connected = False
+        if self.turns is None or not turn_lost:
+            return []
+        lost = self.turns.abandon_turn()
+        self.metrics.stt_turns.labels(outcome="lost").inc()
+        self._log("stt_turn_lost", logging.WARNING, reason=reason, lost_chars=len(lost))
+        return [ToAgent(agent_proto.error_message(f"speech recognition lost the caller's turn: {reason}"))]
+
+    def _on_hearing(self, event: HearingEvent, now: float, out: list[Action]) -> None:
+        if isinstance(event, SpeechStarted):
+            self.speech_onset = event.onset
+            self._info(out, "clientSpeaking", "on", now)
+        elif isinstance(event, FinalizeDue):
+            self._info(out, "clientSpeaking", "off", now)
+            out.append(SttFinalize())
+        elif isinstance(event, PartialText):
+            if self._input_reportable():
+                out.append(ToAgent(agent_proto.prompt_message(event.text, self.relay.transcription_language,
+                                                              last=False)))
+        elif isinstance(event, TurnComplete):
+            self.speech_onset = None
+            if event.end_of_speech is not None:
+                self.metrics.stt_latency.observe(max(0.0, now - event.end_of_speech))
+            if not event.text:
+                self.metrics.stt_turns.labels(outcome="empty").inc()
+                return
+            if not self._input_reportable():
+                self.metrics.stt_turns.labels(outcome="ignored").inc()
+                self._log("prompt_ignored", reason="agent_speaking", chars=len(event.text))
+                return
+            self.metrics.stt_turns.labels(outcome="prompt").inc()
+            self.prompts += 1
+            self.prompt_end_of_speech = event.end_of_speech
+            self.prompt_sent_at = now
+            self._log("prompt", chars=len(event.text),
+                      stt_ms=None if event.end_of_speech is None else round((now - event.end_of_speech) * 1000, 1))
+            out.append(ToAgent(agent_proto.prompt_message(event.text, self.relay.transcription_language)))
+
+    def _input_reportable(self) -> bool:
+        """ConversationRelay's reportInputDuringAgentSpeech: caller input while the agent
+        speaks something that input cannot interrupt is dropped unless asked for."""
+        if self.relay.report_input_during_agent_speech or not self.is_speaking:
+            return True
+        return all(u.interruptible in ("speech", "any") for u in self.utterances.values())
+
+    def _info(self, out: list[Action], name: str, value: str, now: float) -> None:
+        if name in self.relay.events:
+            out.append(ToAgent(agent_proto.info_message(name, value, int(now * 1000))))
 
     def on_mark(self, name: str, now: float) -> list[Action]:
         result = self.playout.on_mark(name, now)
@@ -360,14 +519,29 @@ class CallCore:
                     text = utt.text_sent if utt.complete else heard_words(utt.words, duration_ms)
                     out.append(ToAgent(agent_proto.spoken_message(text, duration_ms, utterance_id,
                                                                   complete=utt.complete)))
+                    if text:
+                        self._info(out, "tokensPlayed", text, now)
         elif result.status == "unknown":
             self.metrics.bad_input.labels(source="twilio", kind="unknown_mark").inc()
             self._log("unknown_mark", logging.WARNING, mark=name)
         self._pump(now, out)
+        if self.agent_speaking and self.playout.is_idle:
+            self.agent_speaking = False
+            self._info(out, "agentSpeaking", "off", now)
         return out
 
-    def on_dtmf(self, digit: str) -> list[Action]:
-        return [ToAgent(agent_proto.dtmf_message(digit))]
+    def on_dtmf(self, digit: str, now: float = 0.0) -> list[Action]:
+        if not self.relay.dtmf_detection:
+            return []
+        out: list[Action] = []
+        if self.is_speaking:
+            if all(u.interruptible in ("dtmf", "any") for u in self.utterances.values()):
+                out.extend(self.interrupt("dtmf", now))
+            elif not self.relay.report_input_during_agent_speech:
+                self._log("dtmf_ignored", reason="agent_speaking", digit=digit)
+                return out
+        out.append(ToAgent(agent_proto.dtmf_message(digit)))
+        return out
 
     # -------------------------------------------------------------- agent in
 
@@ -380,9 +554,27 @@ class CallCore:
             return [ToAgent(agent_proto.error_message(str(exc)))]
         if isinstance(msg, agent_proto.Text):
             return self.speak(msg.token, last=msg.last, now=now, interruptible=msg.interruptible,
-                              overrides=msg.overrides)
+                              overrides=msg.overrides, preemptible=msg.preemptible)
         if isinstance(msg, agent_proto.Interrupt):
             return self.interrupt("agent", now)
+        if isinstance(msg, agent_proto.Play):
+            return [FetchPlay(msg.source, msg.loop, msg.interruptible or self.relay.interruptible,
+                              self.relay.preemptible if msg.preemptible is None else msg.preemptible)]
+        if isinstance(msg, agent_proto.SendDigits):
+            return [PlayDigits(msg.digits)]
+        if isinstance(msg, agent_proto.Language):
+            changes: dict[str, Any] = {}
+            if msg.tts_language is not None:
+                self.language = msg.tts_language
+                changes["tts_language"] = msg.tts_tag
+            out_lang: list[Action] = []
+            if msg.transcription_language is not None:
+                changes["transcription_language"] = msg.transcription_tag
+                if self.turns is not None:
+                    out_lang.append(SttReconfigure(msg.transcription_language, self.relay.hints))
+            self.relay = replace(self.relay, **changes)
+            self._log("language_changed", tts=self.relay.tts_language, transcription=self.relay.transcription_language)
+            return out_lang
         if isinstance(msg, agent_proto.End):
             self._log("agent_end", handoff=msg.handoff_data is not None)
             # A turn left open would never finish playing: close it so its audio can end.
@@ -407,6 +599,26 @@ class CallCore:
                 EnergyVad(self.settings.vad_threshold_rms, self.settings.vad_min_speech_ms,
                           self.settings.vad_hangover_ms) if msg.vad else None
             )
+        return self._apply_relay_config(msg)
+
+    def _apply_relay_config(self, msg: agent_proto.ConfigUpdate) -> list[Action]:
+        changes: dict[str, Any] = {}
+        for key in ("interruptible", "interrupt_sensitivity", "partial_prompts", "report_input_during_agent_speech",
+                    "dtmf_detection", "hints"):
+            value = getattr(msg, key)
+            if value is not None:
+                changes[key] = value
+        if msg.transcription_tag is not None:
+            changes["transcription_language"] = msg.transcription_tag
+        if not changes:
+            return []
+        self.relay = replace(self.relay, **changes)
+        if self.turns is not None and ("interrupt_sensitivity" in changes):
+            threshold, min_speech_ms, onset_words = self.relay.vad_tuning()
+            self.turns.threshold_rms, self.turns.min_speech_s = threshold, min_speech_ms / 1000.0
+            self.turns.onset_words = onset_words
+        if self.turns is not None and ("hints" in changes or "transcription_language" in changes):
+            return [SttReconfigure(self.relay.cartesia_stt_language, self.relay.hints)]
         return []
 
     def speak(
@@ -415,10 +627,15 @@ class CallCore:
         *,
         last: bool,
         now: float,
-        interruptible: bool | None = None,
+        interruptible: bool | str | None = None,
         overrides: agent_proto.VoiceOverrides | None = None,
+        preemptible: bool | None = None,
     ) -> list[Action]:
-        """Stream agent text into the current utterance's Cartesia context."""
+        """Stream agent text into the current utterance's Cartesia context.
+
+        ``interruptible``: ConversationRelay's mode (``none|dtmf|speech|any`` or a bool),
+        None = the call's default. ``preemptible``: the agent's next utterance cuts this
+        one instead of queueing behind it."""
         if self.ended:
             return []
         if self.dropping_turn:
@@ -428,6 +645,9 @@ class CallCore:
         out: list[Action] = []
         utt = self.current
         if utt is None:
+            out.extend(self._preempt(now))
+            mode = (self.relay.interruptible if interruptible is None
+                    else agent_proto.interrupt_mode(interruptible))
             ov = overrides or agent_proto.VoiceOverrides()
             config = dict(self.generation_config or {})
             if ov.speed is not None:
@@ -437,7 +657,8 @@ class CallCore:
             utterance_id = self._new_id()
             utt = Utterance(
                 utterance_id=utterance_id,
-                interruptible=True if interruptible is None else interruptible,
+                interruptible=mode,
+                preemptible=self.relay.preemptible if preemptible is None else preemptible,
                 voice_id=ov.voice or self.voice_id,
                 language=ov.language or self.language,
                 generation_config=config or None,
@@ -469,12 +690,52 @@ class CallCore:
             self.current = None
         return out
 
-    def flush(self, now: float) -> list[Action]:
-        """Force generation of text buffered on the current context."""
-        utt = self.current
-        if utt is None:
+    def _preempt(self, now: float) -> list[Action]:
+        """The agent starts a new utterance: queued or playing preemptible speech is cut
+        (Twilio ``clear``, Cartesia ``cancel``), without an ``interrupt`` to the agent."""
+        encoder = self.encoder
+        if encoder is None or not self.utterances or not all(u.preemptible for u in self.utterances.values()):
             return []
-        return [ToCartesia(utt.context_id, self._request(utt, "", cont=True, flush=True))]
+        out: list[Action] = [ToTwilio(encoder.clear())]
+        self.metrics.twilio_messages_out.labels(event="clear").inc()
+        cleared = self.playout.clear()
+        for utt in self.utterances.values():
+            if not utt.done and not utt.pending_resume and not utt.audio_only:
+                out.append(CancelCartesia(utt.context_id))
+            utt.cancelled = True
+            utt.done = True
+        self.contexts.clear()
+        self._log("preempted", utterances=len(self.utterances), dropped_bytes=cleared.dropped_bytes)
+        self.utterances.clear()
+        return out
+
+    def play_audio(self, audio: bytes, now: float, *, loop: int = 1, interruptible: str = "any",
+                   preemptible: bool = False, label: str = "play") -> list[Action]:
+        """Play μ-law 8 kHz audio made by the bridge (``play``, ``sendDigits``) as an
+        utterance of its own, queued after the speech before it. ``loop`` 0 repeats the
+        audio as often as the playout buffer holds (``max_buffer_ms``), never more."""
+        if self.ended or not audio or self.encoder is None:
+            return []
+        out = self._preempt(now)
+        limit = self.settings.max_buffer_ms * 8
+        fits = max(1, limit // len(audio))
+        repeats = fits if loop == 0 else min(loop, fits)
+        utterance_id = self._new_id()
+        utt = Utterance(utterance_id=utterance_id, interruptible=interruptible, voice_id="", language=self.language,
+                        generation_config=None, done=True, horizon_off=True, preemptible=preemptible,
+                        audio_only=True, t_text=now)
+        self.utterances[utterance_id] = utt
+        self.playout.open(utterance_id)
+        body = (audio * repeats)[:limit]
+        if self.playout.push(utterance_id, body, now):
+            utt.audio_bytes = len(body)
+        else:
+            self.metrics.playout_overflow_bytes.inc(len(body))
+        self.playout.finish(utterance_id)
+        self._forget_if_silent(utt)
+        self._log("audio_queued", context_id=utterance_id, kind=label, ms=len(body) // 8, repeats=repeats)
+        self._pump(now, out)
+        return out
 
     # ------------------------------------------------------------ Cartesia in
 
@@ -724,8 +985,9 @@ class CallCore:
         encoder = self.encoder
         playing = self.playout.playing_utterance()
         target = self.utterances.get(playing.utterance_id) if playing is not None else None
-        if source == "vad" and any(not u.interruptible for u in self.utterances.values()):
-            # Playing, queued or still being made: caller speech never cuts interruptible:false.
+        allowed = _MODES_CUT_BY.get(source)
+        if allowed is not None and any(u.interruptible not in allowed for u in self.utterances.values()):
+            # Playing, queued or still being made: caller input never cuts what its mode protects.
             return []
         if encoder is None or not self.is_speaking and self.current is None:
             return []
@@ -740,6 +1002,9 @@ class CallCore:
         self.contexts.clear()
         if self.current is not None and not self.current.closed:
             self.dropping_turn = True
+        if self.agent_speaking:
+            self.agent_speaking = False
+            self._info(out, "agentSpeaking", "off", now)
         self.current = None
         played = dict(cleared.cut_utterances)
         heard = ""
