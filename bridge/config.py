@@ -14,6 +14,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from bridge.cartesia.protocol import DEFAULT_VERSION, LANGUAGES
+from bridge.logs import loggable_url
 
 #: The tone voice of the local emulator; a real deployment sets CARTESIA_VOICE_ID.
 EMULATOR_DEFAULT_VOICE_ID: Final = "5b0f2a52-7e3c-4c1a-9d5e-0c7a1e5f7a01"  # emulator "Tone Alto"
@@ -236,24 +237,16 @@ class Config:
             "public_url": self.public_url,
             "twilio_auth_token": "set" if self.twilio_auth_token else "unset",
             "cartesia_api_key": "set" if self.cartesia_api_key else "unset (embedded emulator)",
-            "cartesia_url": _loggable(self.cartesia_url),
+            "cartesia_url": loggable_url(self.cartesia_url),
             "cartesia_version": self.cartesia_version,
             "cartesia_model": self.cartesia_model,
             "cartesia_pool_size": self.cartesia_pool_size,
             "cartesia_max_concurrency": self.cartesia_max_concurrency,
             "max_calls": self.max_calls,
             "playout_lead_ms": self.playout_lead_ms,
-            "agent": _loggable(self.agent_url) if self.agent_url else "built-in demo agent",
+            "agent": loggable_url(self.agent_url) if self.agent_url else "built-in demo agent",
             "agent_token": "set" if self.agent_token else "unset",
         }
-
-
-def _loggable(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}"
 
 
 def env_help() -> str:

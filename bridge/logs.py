@@ -1,16 +1,15 @@
 """Structured logging: one JSON object per line, one line per event.
 
 Use ``log_event(logger, "event_name", call_sid=…, stream_sid=…, context_id=…)``.
-Field values that look like secrets are never passed here; ``redact`` exists
-for the few places that echo configuration.
+Secrets are never passed here; URLs go through ``loggable_url`` first.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -56,12 +55,10 @@ def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **f
         logger.log(level, event, extra=extra)
 
 
-def redact(secret: str | None) -> str | None:
-    """What may be logged of a secret: whether it is set, never its value."""
-    if not secret:
-        return None
-    return "***set***"
-
-
-def monotonic_ms() -> float:
-    return time.monotonic() * 1000.0
+def loggable_url(url: str) -> str:
+    """``url`` without userinfo or query (either may carry a credential)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}"

@@ -12,9 +12,9 @@ Routes (one port):
   upgrade, before any WebSocket is accepted).
 * ``GET /metrics``, ``GET /healthz``, ``GET /readyz``.
 
-Bounded state: call metadata from webhooks waits for its stream in a map of
-at most ``2 × MAX_CALLS`` entries (oldest evicted) for ``PENDING_CALL_TTL_S``;
-handoff data likewise.
+Calls, webhook data waiting for its stream and handoff data live in the
+``CallRegistry`` (at most ``2 × MAX_CALLS`` entries each, oldest evicted);
+each call is a ``CallSession`` given the process's ``CallServices``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from typing import Any, Final
 from urllib.parse import urlencode
 
@@ -31,30 +30,22 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from bridge.agent.builtin import BuiltinAgentLink
-from bridge.agent.link import (
-    AgentLink,
-    AgentUnavailable,
-    Closed,
-    Deliver,
-    RemoteAgentLink,
-    agent_url_allowed,
-    loggable_url,
-)
+from bridge.agent.connector import AgentConnector
 from bridge.call import CallSettings
 from bridge.cartesia.client import CartesiaPool
 from bridge.config import Config
-from bridge.inline_ws import INLINE_RECEIVE, InlineWebSocketResponse
 from bridge.logs import log_event
-from bridge.session import CallSession
-from metrics import BridgeMetrics, metrics_handler
-from telephony.media import MAX_INBOUND_MESSAGE_BYTES, Start
+from bridge.registry import CallRegistry
+from bridge.session import CallHangUp, CallServices, CallSession
+from metrics import BridgeMetrics
+from metrics.http import metrics_handler
+from telephony.inline_ws import INLINE_RECEIVE, InlineWebSocketResponse
+from telephony.media import MAX_INBOUND_MESSAGE_BYTES
 from telephony.signature import SignatureChecker
 from telephony.twiml import connect_stream, say_and_hangup
 
 log = logging.getLogger("bridge.server")
 
-PENDING_CALL_TTL_S: Final = 120.0
 #: The event-loop lag monitor sleeps this long and records the overshoot.
 LAG_PROBE_INTERVAL_S: Final = 0.1
 #: aiohttp's own hard cap; messages between 64 KiB and this are rejected by
@@ -90,18 +81,24 @@ class BridgeServer:
         self._emulator_settings = emulator_settings
         self.metrics = metrics or BridgeMetrics()
         self.signatures = SignatureChecker(config.twilio_auth_token)
-        self.calls: set[CallSession] = set()
-        self._pending_calls: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._handoffs: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        self.registry: CallRegistry[CallSession] = CallRegistry(max_entries=2 * config.max_calls)
+        self.agents = AgentConnector(
+            agent_url=config.agent_url,
+            allowlist=config.agent_url_allowlist,
+            token=config.agent_token,
+            connect_timeout_s=config.agent_connect_timeout_s,
+            greeting=config.greeting,
+            max_links=config.max_calls,
+            metrics=self.metrics,
+        )
         self.emulator: Any = None
-        self.pool: CartesiaPool = None  # type: ignore[assignment]  # set in startup
-        self.http: aiohttp.ClientSession | None = None
+        self.pool: CartesiaPool | None = None  # set in startup
+        self.services: CallServices | None = None  # set in startup, once the pool exists
         self._lag_probe: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()  # prewarm tasks; owned so none is lost
-        self.pending_call_ttl_s = PENDING_CALL_TTL_S
         self.draining = False
         self.started = False
-        self.call_control: Any = None
+        self.call_control: CallHangUp | None = None
         if config.twilio_account_sid and config.twilio_auth_token:
             from telephony.rest import CallControl
 
@@ -158,7 +155,7 @@ class BridgeServer:
             cartesia_url = await self.emulator.start("127.0.0.1", 0)
             log_event(log, "embedded_emulator_started", logging.WARNING, url=cartesia_url,
                       detail="CARTESIA_API_KEY is unset: speech comes from the local Cartesia emulator")
-        self.http = aiohttp.ClientSession()
+        self.agents.start()
         self.pool = CartesiaPool(
             url=cartesia_url,
             api_key=config.cartesia_api_key,
@@ -169,7 +166,18 @@ class BridgeServer:
             max_waiters=max(1, config.max_calls * 2),
             max_age_s=config.cartesia_socket_max_age_s,
         )
-        self.metrics.before_render.append(self.flush_call_metrics)
+        self.services = CallServices(
+            settings=self.call_settings,
+            metrics=self.metrics,
+            registry=self.registry,
+            agents=self.agents,
+            tts=CallServices.tts_on(self.pool, self.metrics,
+                                    admission_timeout_s=config.cartesia_admission_timeout_s,
+                                    context_timeout_s=config.cartesia_context_timeout_s),
+            fallback_line=config.fallback_line,
+            call_control=self.call_control,
+        )
+        self.metrics.before_render.append(self.registry.flush_call_metrics)
         self.pool.start()
         self._lag_probe = asyncio.get_running_loop().create_task(self._probe_lag(), name="event-loop-lag")
         await self.pool.prewarm(5.0)
@@ -205,9 +213,7 @@ class BridgeServer:
             self._lag_probe = None
         if self.pool is not None:
             await self.pool.close()
-        if self.http is not None:
-            await self.http.close()
-            self.http = None
+        await self.agents.close()
         if self.emulator is not None:
             await self.emulator.stop()
             self.emulator = None
@@ -237,66 +243,10 @@ class BridgeServer:
         return (self.started and not self.draining and self.pool is not None
                 and self.pool.down_for_s < self.CARTESIA_DOWN_GRACE_S)
 
-    # ------------------------------------------------------------- registry
-
-    def flush_call_metrics(self) -> None:
-        """Add every live call's batched frame/byte/message counts to the counters."""
-        for call in self.calls:
-            call.flush_metrics()
-
-    def register(self, call: CallSession) -> None:
-        self.calls.add(call)
-
-    def unregister(self, call: CallSession) -> None:
-        self.calls.discard(call)
-
-    def _remember(self, store: OrderedDict[str, Any], key: str, value: Any) -> None:
-        store[key] = value
-        store.move_to_end(key)
-        while len(store) > 2 * self.config.max_calls:
-            store.popitem(last=False)
-
-    def take_call_info(self, call_sid: str) -> dict[str, Any]:
-        info = self._pending_calls.pop(call_sid, None)
-        if info is None or time.monotonic() - info.get("_webhook_at", 0) > self.pending_call_ttl_s:
-            return {}
-        return info
-
-    def _expire_pending_calls(self) -> None:
-        """Forget webhooks whose stream never came (caller hung up while ringing)."""
-        cutoff = time.monotonic() - self.pending_call_ttl_s
-        while self._pending_calls:
-            oldest = next(iter(self._pending_calls.values()))
-            if oldest.get("_webhook_at", 0) > cutoff:
-                break
-            self._pending_calls.popitem(last=False)
-
-    def store_handoff(self, call_sid: str, data: Any) -> None:
-        self._remember(self._handoffs, call_sid, (time.monotonic(), data))
-
     @property
-    def handoff_pending(self) -> OrderedDict[str, tuple[float, Any]]:
-        return self._handoffs
-
-    # ---------------------------------------------------------------- agent
-
-    async def connect_agent(self, start: Start, deliver: Deliver, closed: Closed) -> AgentLink:
-        config = self.config
-        url = config.agent_url
-        requested = start.custom_parameters.get("agentUrl")
-        if requested:
-            if not agent_url_allowed(requested, config.agent_url_allowlist):
-                self.metrics.agent_failures.labels(reason="not_allowlisted").inc()
-                raise AgentUnavailable(f"agent URL from call data is not allowlisted: {loggable_url(requested)[:100]}")
-            url = requested
-        link: AgentLink
-        if url:
-            assert self.http is not None
-            link = RemoteAgentLink(url, config.agent_token, self.http, config.agent_connect_timeout_s)
-        else:
-            link = BuiltinAgentLink(config.greeting)
-        await link.start(deliver, closed)
-        return link
+    def calls(self) -> set[CallSession]:
+        """The live calls (the registry's set)."""
+        return self.registry.calls
 
     # --------------------------------------------------------------- routes
 
@@ -319,14 +269,15 @@ class BridgeServer:
         if not call_sid:
             self.metrics.webhooks.labels(result="bad_request").inc()
             raise web.HTTPBadRequest(text="CallSid is required")
-        self._expire_pending_calls()
-        if not self.ready or len(self.calls) + len(self._pending_calls) >= self.config.max_calls:
+        self.registry.expire_pending()
+        if not self.ready or self.registry.occupancy >= self.config.max_calls:
             reason = "draining" if self.draining else ("not_ready" if not self.ready else "max_calls")
             self.metrics.calls_refused.labels(reason=reason).inc()
             self.metrics.webhooks.labels(result="refused").inc()
             log_event(log, "call_refused", logging.WARNING, call_sid=call_sid, reason=reason)
             return web.Response(text=say_and_hangup(self.config.busy_line), content_type="text/xml")
         # Warm the pool while the phone rings: the first utterance pays no handshake.
+        assert self.pool is not None  # ready implies started
         task = asyncio.get_running_loop().create_task(self.pool.prewarm(2.0), name="prewarm")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -350,9 +301,9 @@ class BridgeServer:
             self.metrics.calls_refused.labels(reason="bad_request").inc()
             log_event(log, "call_refused", logging.WARNING, call_sid=call_sid, reason="bad_request", error=str(exc))
             return web.Response(text=say_and_hangup(self.config.busy_line), content_type="text/xml")
-        info: dict[str, Any] = {"_webhook_at": time.monotonic(), "session_id": call_sid}
+        info = {"session_id": call_sid}
         info.update({k: v for k, v in params.items() if k in ("from", "to", "direction")})
-        self._remember(self._pending_calls, call_sid, info)
+        self.registry.expect(call_sid, info)
         self.metrics.webhooks.labels(result="connected").inc()
         log_event(log, "webhook_answered", call_sid=call_sid)
         return web.Response(text=twiml, content_type="text/xml")
@@ -368,10 +319,9 @@ class BridgeServer:
     async def connect_action(self, request: web.Request) -> web.Response:
         form = await self._check_webhook_signature(request, "/twilio/connect-action", "connect_action")
         call_sid = form.get("CallSid", "")
-        entry = self._handoffs.pop(call_sid, None)
+        found, data = self.registry.take_handoff(call_sid)
         handoff_url = self.config.handoff_url
-        if entry is not None and handoff_url:
-            data = entry[1]
+        if found and handoff_url:
             target = handoff_url + ("&" if "?" in handoff_url else "?") + urlencode(
                 {"HandoffData": data if isinstance(data, str) else orjson.dumps(data).decode()}
             )
@@ -380,7 +330,7 @@ class BridgeServer:
             from twilio.twiml.voice_response import VoiceResponse
 
             twiml = str(VoiceResponse().hangup())
-        log_event(log, "connect_action", call_sid=call_sid, handoff=entry is not None)
+        log_event(log, "connect_action", call_sid=call_sid, handoff=found)
         return web.Response(text=twiml, content_type="text/xml")
 
     async def media_stream(self, request: web.Request) -> web.StreamResponse:
@@ -391,7 +341,8 @@ class BridgeServer:
             raise web.HTTPForbidden(text="invalid X-Twilio-Signature")
         ws = InlineWebSocketResponse(max_msg_size=WS_HARD_MAX_MSG, compress=False, autoping=True)
         await ws.prepare(request)
-        session = CallSession(self, ws)
+        assert self.services is not None, "media stream before start-up"
+        session = CallSession(self.services, ws)
         await session.run()
         return ws
 

@@ -4,16 +4,17 @@
 run in one process (tests, the demo) without sharing counters. Names follow
 Prometheus conventions: ``bridge_*_seconds`` histograms, ``bridge_*_total``
 counters, gauges without suffix. Units are seconds and bytes.
+
+No I/O and no aiohttp here (the state machines import this module); the
+``/metrics`` route is ``metrics.http``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -156,16 +157,3 @@ class BridgeMetrics:
         for hook in self.before_render:
             hook()
         return generate_latest(self.registry)
-
-
-def metrics_handler(metrics: BridgeMetrics) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """aiohttp handler serving ``metrics`` in the Prometheus text format."""
-
-    async def handle(_request: web.Request) -> web.Response:
-        body = metrics.render()
-        resp = web.Response(body=body)
-        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-        resp.charset = "utf-8"
-        return resp
-
-    return handle

@@ -264,7 +264,7 @@ async def test_a_caller_that_stops_reading_gets_every_frame_in_order_after_the_d
 
     import aiohttp
 
-    from bridge.session import TWILIO_WRITE_HIGH_WATER
+    from telephony.stream_socket import TWILIO_WRITE_HIGH_WATER
 
     def small_receive_buffer(addr_info: Any) -> socket.socket:
         family, kind, proto, _name, _addr = addr_info
@@ -280,18 +280,18 @@ async def test_a_caller_that_stops_reading_gets_every_frame_in_order_after_the_d
         await call.connect()
         await agent.next("setup")
         (session,) = bridge.server.calls
-        sock = session.ws._req.transport.get_extra_info("socket")
+        sock = session.twilio.ws._req.transport.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         # The caller stops reading: ~10 s of lead (~110 KB of media messages) cannot leave the bridge.
         client = call._ws._conn.transport  # type: ignore[union-attr]
         client.pause_reading()
         await agent.send({"type": "text", "token": " ".join(["backpressure"] * 40) + ".", "last": True})
-        assert await wait_for(lambda: session._drain_task is not None, 5), "the bridge never saw the socket back up"
-        assert session.ws.write_buffer_size > TWILIO_WRITE_HIGH_WATER - 8192
-        assert await wait_for(lambda: len(session._outbox) > 0, 5), "messages wait in the outbox, not the transport"
+        assert await wait_for(lambda: session.twilio.draining, 5), "the bridge never saw the socket back up"
+        assert session.twilio.ws.write_buffer_size > TWILIO_WRITE_HIGH_WATER - 8192
+        assert await wait_for(lambda: session.twilio.queued > 0, 5), "messages wait in the outbox, not the transport"
         client.resume_reading()
         assert await wait_for(lambda: call.record.media_bytes >= 9 * 8000, 10), "the queued lead never arrived"
-        assert await wait_for(lambda: session._drain_task is None, 5), "the drain task never finished"
+        assert await wait_for(lambda: not session.twilio.draining, 5), "the drain task never finished"
         (ctx,) = context_ids(bridge)
         produced = bridge.emulator.produced_audio(ctx)
         assert produced is not None

@@ -305,7 +305,7 @@ def test_twiml_is_built_by_the_twilio_library() -> None:
 
 async def test_webhooks_whose_stream_never_comes_do_not_fill_the_bridge(make_bridge: BridgeFactory) -> None:
     bridge = await make_bridge({"MAX_CALLS": "2"})
-    bridge.server.pending_call_ttl_s = 0.3
+    bridge.server.registry.pending_ttl_s = 0.3
     for _ in range(2):  # rang, then hung up before the stream opened
         assert await bridge.call().place() is not None
     refused = bridge.call()
@@ -323,7 +323,7 @@ async def test_a_burst_of_tokens_goes_to_cartesia_as_few_inputs_with_the_same_te
     They are joined into one input per sentence, each written as soon as its sentence ends (where
     Cartesia starts generating), never changing the text."""
     from bridge.agent.builtin import LONG_PASSAGE
-    from bridge.session import MAX_MERGED_CHARS
+    from bridge.cartesia.contexts import MAX_MERGED_CHARS
 
     bridge = await make_bridge({"GREETING": "Hi."})
     call = bridge.call()

@@ -1,4 +1,4 @@
-"""The Twilio socket's fast path (bridge.inline_ws) over real sockets.
+"""The Twilio socket's fast path (telephony.inline_ws) over real sockets.
 
 Checks what the optimisation must not break: message order across the inline
 and queued paths, frame encoding at every length class, ping/pong and close
@@ -16,9 +16,9 @@ import pytest
 import websockets
 from aiohttp import WSMsgType, web
 
-from bridge.inline_ws import INLINE_RECEIVE, InlineWebSocketResponse
 from bridge.wsframe import frame_text
 from metrics.scrape import value
+from telephony.inline_ws import INLINE_RECEIVE, InlineWebSocketResponse
 
 from .conftest import BridgeFactory
 from .test_call_e2e import wait_for
@@ -147,7 +147,7 @@ async def test_a_real_call_takes_the_inline_path_for_media_and_marks(make_bridge
     for n in range(40):
         await call.send_raw(call._factory.media(b"\xff" * 160, n * 20))  # noqa: SLF001
     echoed = call.record.marks_echoed
-    assert await wait_for(lambda: session.ws.inline_messages >= 40 + echoed, 5), session.ws.inline_messages
+    assert await wait_for(lambda: session.twilio.ws.inline_messages >= 40 + echoed, 5), session.twilio.ws.inline_messages
     await call.hangup()
     assert await wait_for(lambda: not bridge.server.calls, 5)
     # Inline-handled frames are counted like any other.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -96,8 +97,9 @@ async def test_agent_end_hangs_up_over_rest_when_configured(make_bridge: BridgeF
                                                             twilio_api: FakeTwilioApi) -> None:
     bridge = await make_bridge({"AGENT_URL": agent.url, "TWILIO_ACCOUNT_SID": ACCOUNT})
     assert bridge.server.call_control is not None
-    bridge.server.call_control = CallControl(ACCOUNT, bridge.token or "", http_client=LocalTwilioHttpClient(
-        twilio_api.base))
+    assert bridge.server.services is not None
+    bridge.server.services = replace(bridge.server.services, call_control=CallControl(
+        ACCOUNT, bridge.token or "", http_client=LocalTwilioHttpClient(twilio_api.base)))
     call = bridge.call()
     await call.place()
     await call.connect()

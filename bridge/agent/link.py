@@ -25,7 +25,7 @@ import aiohttp
 import orjson
 
 from bridge.agent.protocol import MAX_AGENT_MESSAGE_BYTES
-from bridge.logs import log_event
+from bridge.logs import log_event, loggable_url
 
 log = logging.getLogger("bridge.agent")
 
@@ -50,15 +50,6 @@ class AgentLink:
 
     async def close(self) -> None:
         raise NotImplementedError
-
-
-def loggable_url(url: str) -> str:
-    """``url`` without userinfo or query (either may carry a credential)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}"
 
 
 def agent_url_allowed(url: str, allowlist: tuple[str, ...]) -> bool:
