@@ -985,15 +985,8 @@ class LoadTest:
     def _index(self) -> AudioIndex | None:
         if self.emulator is None:
             return None
-        records = getattr(self.emulator, "records", None)
-        if callable(records):
-            records = records()
-        if records is None:
-            records = list(self.emulator._records.values())  # noqa: SLF001
-        elif isinstance(records, dict):
-            records = list(records.values())
         index = AudioIndex()
-        for rec in records:
+        for rec in self.emulator.records:
             index.add(rec.context_id, bytes(rec.audio), cancelled=bool(rec.cancelled))
         return index
 

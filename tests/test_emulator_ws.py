@@ -391,7 +391,7 @@ async def test_stats_and_context_endpoints(emulator_factory: EmulatorFactory) ->
             assert resp.status == 404
     assert stats["handshakes"] == 1 and stats["contexts_total"] == 1 and stats["active_contexts"] == 0
     assert stats["chunks_total"] >= 1 and stats["first_chunk_lateness_ms"]["max"] is not None
-    assert len(emu._first_lateness) == 1, "one generation, one first chunk"  # noqa: SLF001
+    assert emu.lateness_ms(first_chunks=True)["n"] == 1, "one generation, one first chunk"
     assert rec["transcript"] == "record me" and rec["done"] and not rec["cancelled"]
     assert base64.b64decode(rec["audio_b64"]) == tone("record me") and rec["bytes"] == len(tone("record me"))
     assert rec["word_timestamps"]["words"] == ["record", "me"]
@@ -414,7 +414,7 @@ def test_under_uvloop_chunks_still_go_out_in_batched_writes() -> None:
             await send(ws, request("u1", "Hello there"))
             msgs = await collect(ws, {"u1"})
             assert audio_of(msgs, "u1") == tone("Hello there")
-            conns = list(emu._connections.values())  # noqa: SLF001
+            conns = emu.connections
             assert len(conns) == 1 and conns[0].transport is not None
             await ws.close()
         finally:

@@ -38,11 +38,22 @@ BYTES_PER_SAMPLE: Final[dict[str, int]] = {
     "pcm_f32le": 4,
 }
 SAMPLE_RATES: Final = (8000, 16000, 22050, 24000, 44100, 48000)
-#: Languages of the 2026-03-01 OpenAPI (seed 001, ``SupportedLanguage``).
+#: Cartesia's language codes: the 42 of the 2026-03-01 OpenAPI (seed 001, ``SupportedLanguage``)
+#: plus ``or`` and ``ur`` added by the official SDK 4.x (``cartesia/types/supported_language.py``).
 LANGUAGES: Final = frozenset(
     "en fr de es pt zh ja hi it ko nl pl ru sv tr tl bg ro ar cs el fi hr ms sk "
-    "da ta uk hu no vi bn th he ka id te gu kn ml mr pa".split()
+    "da ta uk hu no vi bn th he ka id te gu kn ml mr pa or ur".split()
 )
+#: BCP-47 primary subtags that name a Cartesia language under another code (ISO 639 synonyms,
+#: macrolanguage members, deprecated codes that telephony platforms still send).
+LANGUAGE_ALIASES: Final[dict[str, str]] = {
+    "nb": "no", "nn": "no",            # Norwegian Bokmål / Nynorsk → Norwegian
+    "fil": "tl",                        # Filipino → Tagalog
+    "cmn": "zh", "yue": "zh",           # Mandarin, Cantonese → Chinese
+    "iw": "he", "in": "id",             # deprecated ISO 639 codes for Hebrew, Indonesian
+    "zsm": "ms",                        # Standard Malay
+}
+_BCP47_RE: Final = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*$")
 #: ``generation_config`` ranges (seed 001, ``GenerationConfig``).
 SPEED_RANGE: Final = (0.6, 1.5)
 VOLUME_RANGE: Final = (0.5, 2.0)
@@ -51,6 +62,25 @@ LEGACY_SPEEDS: Final = frozenset({"slow", "normal", "fast"})
 MAX_BUFFER_DELAY_RANGE_MS: Final = (0, 5000)
 
 _VERSION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def cartesia_language(code: str) -> str:
+    """The Cartesia ``language`` for a BCP-47 tag: ``"es-MX"`` → ``"es"``, ``"pt-BR"`` → ``"pt"``.
+
+    Accepts a bare Cartesia code (``"en"``), any case, ``_`` or ``-`` as the
+    separator, and script/region/variant subtags (``"zh-Hant-TW"`` → ``"zh"``);
+    the primary subtag decides, through ``LANGUAGE_ALIASES`` for synonyms
+    (``"nb-NO"`` → ``"no"``, ``"fil-PH"`` → ``"tl"``). Pure; no I/O.
+    Raises ``ValueError`` naming ``code`` when it is not a well-formed tag or
+    its language is not one Cartesia speaks.
+    """
+    if not isinstance(code, str) or not _BCP47_RE.match(code):
+        raise ValueError(f"{code!r} is not a BCP-47 language tag (e.g. 'en', 'es-MX')")
+    primary = re.split(r"[-_]", code, maxsplit=1)[0].lower()
+    language = LANGUAGE_ALIASES.get(primary, primary)
+    if language not in LANGUAGES:
+        raise ValueError(f"language {code!r} is not supported by Cartesia (supported: {', '.join(sorted(LANGUAGES))})")
+    return language
 
 
 def uses_structured_errors(version: str | None) -> bool:

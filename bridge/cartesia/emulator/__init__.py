@@ -10,10 +10,10 @@ Embed it on your event loop::
 or run ``media-bridge emulator --port 8765`` (see ``cli``).
 """
 
-from .engine import ContextRecord
 from .faults import FaultSettings, parse_fault, parse_faults
 from .server import Emulator
 from .settings import EmulatorSettings, valid_model
+from .state import ContextRecord, EmulatorState
 from .voices import (
     DEFAULT_ESPEAK_VOICE_ID,
     DEFAULT_VOICE_ID,
@@ -31,6 +31,7 @@ __all__ = [
     "ContextRecord",
     "Emulator",
     "EmulatorSettings",
+    "EmulatorState",
     "EspeakUnavailable",
     "FaultSettings",
     "Voice",

@@ -28,20 +28,13 @@ from dataclasses import dataclass
 
 @dataclass(slots=True)
 class FaultSettings:
+    """Which faults are on; fractions in [0, 1], ``delay_ms`` in ms (see the module doc)."""
+
     close_after_chunks: int | None = None
     reject_429_fraction: float = 0.0
     no_done_fraction: float = 0.0
     delay_ms: float = 0.0
     delay_fraction: float = 0.0
-
-    @property
-    def any(self) -> bool:
-        return bool(
-            self.close_after_chunks
-            or self.reject_429_fraction
-            or self.no_done_fraction
-            or (self.delay_ms and self.delay_fraction)
-        )
 
 
 FAULT_HELP = (

@@ -2,7 +2,7 @@
 
 Both backends render one *job* (a piece of a context's transcript) into a
 ``Rendered``: the encoded audio in the requested output format plus word and
-phoneme timings as sample offsets from the start of that audio. The engine
+phoneme timings as sample offsets from the start of that audio. The context
 slices the audio into chunks and turns offsets into seconds.
 
 ``tone``
