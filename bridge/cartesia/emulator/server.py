@@ -49,6 +49,7 @@ from ..protocol import (
 )
 from .engine import OUTBOX_HIGH_WATER, Connection, Context, ContextRecord
 from .settings import EmulatorSettings, valid_model
+from .stt import RecordingToneSynth, SttService
 from .voices import EspeakSynth, Rendered, ToneSynth, Voice, catalogue
 
 logger = logging.getLogger("bridge.cartesia.emulator")
@@ -84,7 +85,8 @@ class Emulator:
     def __init__(self, settings: EmulatorSettings | None = None) -> None:
         self.settings = settings or EmulatorSettings()
         self.settings.validate()
-        self.tone = ToneSynth()
+        self.stt = SttService(self.settings, self._authorize)  # /stt/websocket; its vocabulary hears self.tone
+        self.tone: ToneSynth = RecordingToneSynth(self.stt.vocabulary)
         #: Loaded at construction so a broken espeak fails at start, clearly.
         self.espeak: EspeakSynth | None = EspeakSynth() if self.settings.voice_backend == "espeak" else None
         self.voices: dict[str, Voice] = catalogue(self.settings.voice_backend)
@@ -124,6 +126,7 @@ class Emulator:
             app.router.add_post("/access-token", self._access_token)
             app.router.add_get("/emulator/stats", self._stats)
             app.router.add_get("/emulator/contexts/{context_id}", self._context)
+            self.stt.add_routes(app)
             app.on_shutdown.append(self._on_shutdown)
             self._app = app
         return self._app

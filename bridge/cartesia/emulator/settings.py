@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from .faults import FaultSettings
+from .stt import SttSettings
 
 #: sonic, sonic-2, sonic-turbo, sonic-3, sonic-3.5, sonic-latest, plus dated snapshots.
 MODEL_RE: Final = re.compile(r"^sonic(?:-2|-turbo|-3|-3\.5|-latest)?(?:-\d{4}-\d{2}-\d{2})?$")
@@ -62,6 +63,8 @@ class EmulatorSettings:
     strict_voices: bool = True
     #: Client messages kept in ``Emulator.received``.
     received_cap: int = 10000
+    #: The STT socket (/stt/websocket): concurrency, idle timeout, its own faults.
+    stt: SttSettings = field(default_factory=SttSettings)
 
     def validate(self) -> None:
         if self.voice_backend not in VOICE_BACKENDS:
