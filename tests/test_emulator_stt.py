@@ -28,10 +28,14 @@ from bridge.cartesia.emulator.recognizer import (
 from bridge.cartesia.emulator.stt import SttSettings
 from bridge.cartesia.emulator.voices import ToneSynth, normalize_word, tone_word_ms
 from bridge.cartesia.protocol import OutputFormat
-from tests import emulator_fixtures
+from telephony.simulator import MAX_SAY_BYTES, SILENCE_FRAME, SimulatedCall, fetch_speech
+from tests import emulator_fixtures, test_agent_e2e
+from tests.conftest import BridgeFactory
 from tests.emulator_fixtures import EmulatorFactory
+from tests.test_agent_e2e import AgentServer
 
-emulator_factory = emulator_fixtures.emulator_factory  # the fixture, shared
+emulator_factory = emulator_fixtures.emulator_factory  # the fixtures, shared
+agent = test_agent_e2e.agent
 pytestmark = pytest.mark.timeout(60)
 
 FRAME = 160  # 20 ms of μ-law 8 kHz
@@ -438,3 +442,49 @@ async def test_official_sdk_manual_finalize(emulator_factory: EmulatorFactory) -
     await client.close()
     assert transcript == normalized(sentence)
     assert types[-2:] == ["flush_done", "done"] and "transcript" in types
+
+
+# --------------------------------------------------------------------------- the simulated caller says it
+
+
+async def test_say_queue_is_bounded(http: aiohttp.ClientSession) -> None:
+    call = SimulatedCall("http://127.0.0.1:9", http)
+    assert call.say(b"\x10" * 8000) == 1.0 and call.saying
+    with pytest.raises(ValueError, match="exceed"):
+        call.say(b"\x10" * MAX_SAY_BYTES)
+    assert call._say_queue == bytearray(b"\x10" * 8000)  # the refused audio queued nothing
+    frames = [call._next_said_frame() for _ in range(51)]
+    assert frames[0] == b"\x10" * 160 and frames[-1] is None and not call.saying
+    assert frames[49] == b"\x10" * 160 and call.said_frames == 50
+
+
+async def test_caller_says_a_sentence_the_bridge_gets_it_in_order_and_stt_hears_it(
+    make_bridge: BridgeFactory, agent: AgentServer
+) -> None:
+    bridge = await make_bridge({"AGENT_URL": agent.url})
+    call = bridge.call()
+    await call.place()
+    await call.connect()
+    await agent.next("setup")
+    await agent.send({"type": "config", "media": True})  # the bridge forwards inbound frames to the agent
+    assert await call.wait_until(lambda: any(m["type"] == "media" for m in agent.received), 5)
+    sentence = "I would like to pay my bill please."
+    assert bridge.emulator.http_url is not None
+    speech = await fetch_speech(bridge.http, bridge.emulator.http_url, sentence, TONE_VOICES[1].id)
+    call.say(speech)
+    assert await call.wait_until(lambda: not call.saying, 10)
+    await asyncio.sleep(0.3)  # the last frames' trip through the bridge
+    import base64
+
+    inbound = b"".join(base64.b64decode(m["payload"]) for m in agent.received if m["type"] == "media")
+    padded = speech + SILENCE_FRAME[: -len(speech) % 160 or 0]
+    assert len(padded) % 160 == 0 and call.said_frames == len(padded) // 160
+    start = inbound.find(padded)
+    assert start >= 0 and start % 160 == 0, "the said audio arrives whole, in order, frame-aligned"
+    assert set(inbound[:start]) == {SILENCE_FRAME[0]}  # silence before it
+    ws = await stt_connect(bridge.emulator)  # what the lead's STT wiring will do with these frames
+    await stream(ws, inbound)
+    await ws.send("finalize")
+    assert finals(await until(ws, "flush_done"))[0]["text"] == normalized(sentence)
+    await ws.close()
+    await call.hangup()
