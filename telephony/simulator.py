@@ -7,7 +7,9 @@
 2. opens the WebSocket to the stream URL, signed over the ``wss://`` URL with
    empty params, sends ``connected`` and ``start`` (with the ``<Parameter>``s);
 3. sends inbound ``media`` every 20 ms on a monotonic clock (no drift):
-   silence, or "caller speech" (a loud tone) while ``speak`` is active;
+   silence, or "caller speech" (a loud tone) while ``speak`` is active, or
+   audio queued with ``say`` (e.g. the emulator's tone voice saying a sentence,
+   from ``fetch_speech``, which the emulator's STT then hears);
 4. plays outbound audio through ``EarModel`` at exactly 8000 bytes/s, echoes
    each ``mark`` when the audio before it has played, and on ``clear`` drops
    queued audio and echoes pending marks at once;
@@ -49,6 +51,8 @@ from telephony.signature import sign
 from telephony.twiml import ParsedStream, parse_connect_stream
 
 MAX_RECORDED_BYTES: Final = 8000 * 600
+#: Audio ``say`` may hold queued (60 s of μ-law 8 kHz); more is refused, nothing queued.
+MAX_SAY_BYTES: Final = 8000 * 60
 SILENCE_FRAME: Final = bytes([MULAW_SILENCE]) * FRAME_BYTES
 
 
@@ -273,6 +277,9 @@ class SimulatedCall:
         self._factory: TwilioMessageFactory | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._speaking_until = 0.0
+        self._say_queue = bytearray()
+        #: Every frame sent from ``say`` audio (μ-law, whole frames, last one padded with silence).
+        self.said_frames = 0
         self._send_lock = asyncio.Lock()
         self.closed = asyncio.Event()
         self.got_media = asyncio.Event()
@@ -351,7 +358,7 @@ class SimulatedCall:
         assert self._factory is not None
         if self.send_inbound_audio:
             while self._audio_t0 + self._frames_sent * 0.020 <= now and not self.closed.is_set():
-                frame = SPEECH_FRAME if now < self._speaking_until else SILENCE_FRAME
+                frame = self._next_said_frame() or (SPEECH_FRAME if now < self._speaking_until else SILENCE_FRAME)
                 try:
                     await self.send_raw(self._factory.media(frame, self._frames_sent * 20))
                 except (ConnectionError, RuntimeError):
@@ -372,6 +379,37 @@ class SimulatedCall:
         """Caller speech (loud inbound frames) from now for ``duration_s``."""
         self._speaking_until = time.monotonic() + duration_s
         self.record.event("caller_speech", duration_s=duration_s)
+
+    def say(self, mulaw: bytes) -> float:
+        """Queue μ-law 8 kHz audio for the caller to say; returns its length in seconds.
+
+        It replaces the inbound frames that would carry silence (or ``speak``'s tone),
+        from the next 20 ms tick on, on the same clock: 160 bytes a frame, the last
+        frame padded with μ-law silence. Several calls queue back to back. At most
+        ``MAX_SAY_BYTES`` may be queued: beyond it ``ValueError`` and nothing is queued.
+        """
+        if len(self._say_queue) + len(mulaw) > MAX_SAY_BYTES:
+            raise ValueError(
+                f"say: {len(mulaw)} bytes would exceed the queue of {MAX_SAY_BYTES} bytes "
+                f"({len(self._say_queue)} queued)"
+            )
+        self._say_queue += mulaw
+        seconds = len(mulaw) / 8000.0
+        self.record.event("caller_say", seconds=seconds)
+        return seconds
+
+    @property
+    def saying(self) -> bool:
+        """Whether ``say`` audio is still waiting to be sent."""
+        return bool(self._say_queue)
+
+    def _next_said_frame(self) -> bytes | None:
+        if not self._say_queue:
+            return None
+        frame = bytes(self._say_queue[:FRAME_BYTES])
+        del self._say_queue[:FRAME_BYTES]
+        self.said_frames += 1
+        return frame + SILENCE_FRAME[len(frame):]
 
     async def send_dtmf(self, digit: str) -> None:
         assert self._factory is not None
@@ -483,3 +521,29 @@ class SimulatedCall:
                 return bool(predicate())
             await asyncio.sleep(interval)
         return bool(predicate())
+
+
+async def fetch_speech(
+    session: aiohttp.ClientSession,
+    http_url: str,
+    text: str,
+    voice_id: str,
+    *,
+    api_key: str | None = None,
+    speed: float | None = None,
+) -> bytes:
+    """``text`` spoken by a Cartesia (the emulator's tone voices: what its STT hears) as
+    raw μ-law 8 kHz, from ``POST {http_url}/tts/bytes``; ready for ``SimulatedCall.say``."""
+    body: dict[str, Any] = {
+        "model_id": "sonic-3",
+        "transcript": text,
+        "voice": {"mode": "id", "id": voice_id},
+        "output_format": {"container": "raw", "encoding": "pcm_mulaw", "sample_rate": 8000},
+    }
+    if speed is not None:
+        body["generation_config"] = {"speed": speed}
+    headers = {"X-API-Key": api_key} if api_key else {}
+    async with session.post(http_url.rstrip("/") + "/tts/bytes", json=body, headers=headers) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"/tts/bytes answered {resp.status}: {(await resp.text())[:200]}")
+        return await resp.read()

@@ -28,11 +28,7 @@ PACKAGES = ("bridge", "telephony", "metrics")
 
 #: Import edges allowed for now, each with the reason. Keep these empty when you can.
 KNOWN_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset()
-KNOWN_TYPE_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset({
-    # engine.py names emulator.server's Emulator under TYPE_CHECKING while server.py imports engine.
-    # Helper B's branch (the emulator split) removes this edge; the lead removes this exception at merge.
-    ("bridge.cartesia.emulator.engine", "bridge.cartesia.emulator.server"),
-})
+KNOWN_TYPE_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset()
 
 
 # ------------------------------------------------------------------ checker

@@ -13,6 +13,7 @@ import signal
 from ...logs import configure_logging
 from .faults import FAULT_HELP, parse_faults
 from .settings import VOICE_BACKENDS, EmulatorSettings
+from .stt import add_stt_arguments, stt_settings_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="contexts whose audio is kept for GET /emulator/contexts/{id} (0 = none)")
     g.add_argument("--lenient-voices", action="store_true", help="unknown voice ids use the default voice instead of 400")
     g.add_argument("--fault", action="append", default=[], metavar="NAME=VALUE", help=FAULT_HELP)
+    add_stt_arguments(parser)
 
 
 def settings_from_args(ns: argparse.Namespace) -> EmulatorSettings:
@@ -65,6 +67,7 @@ def settings_from_args(ns: argparse.Namespace) -> EmulatorSettings:
         record_contexts=ns.record_contexts,
         default_buffer_delay_ms=ns.default_buffer_delay_ms,
         strict_voices=not ns.lenient_voices,
+        stt=stt_settings_from_args(ns),
     )
     settings.validate()
     return settings

@@ -30,6 +30,7 @@ from .http_tts import HttpTts
 from .httpapi import Authenticator, http_error, json_response, version_of
 from .settings import EmulatorSettings
 from .state import ContextRecord, EmulatorState
+from .stt import RecordingToneSynth, SttService
 from .synth import Synthesizer
 from .voices import EspeakSynth, ToneSynth, Voice
 from .voices_api import VoicesApi
@@ -55,6 +56,9 @@ class Emulator:
         self.synth = Synthesizer(self.settings.voice_backend, strict_voices=self.settings.strict_voices)
         self.state = EmulatorState(self.settings.record_contexts, self.settings.received_cap)
         self.auth = Authenticator(self.settings.api_key)
+        # /stt/websocket; its vocabulary hears every word the tone voices render.
+        self.stt = SttService(self.settings, self.auth.check)
+        self.synth.tone = RecordingToneSynth(self.stt.vocabulary)
         self.services = Services(self.settings, self.state, self.synth)
         self.http_tts = HttpTts(self.services, self.auth)
         self.voices_api = VoicesApi(self.synth, self.auth)
@@ -96,6 +100,7 @@ class Emulator:
             app = web.Application(client_max_size=MAX_MESSAGE_BYTES)
             for method, path, handler in self.route_table():
                 app.router.add_route(method, path, handler)
+            self.stt.add_routes(app)
             app.on_shutdown.append(self.on_shutdown)
             self.application = app
         return self.application

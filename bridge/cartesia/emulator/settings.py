@@ -14,6 +14,23 @@ MODEL_RE: Final = re.compile(r"^sonic(?:-2|-turbo|-3|-3\.5|-latest)?(?:-\d{4}-\d
 VOICE_BACKENDS: Final = ("tone", "espeak")
 
 
+@dataclass(slots=True)
+class SttSettings:
+    """The STT side of the emulator. ``faults`` None = the emulator's TTS ``faults``."""
+
+    #: Open STT sockets; more → HTTP 429 on the handshake (None = no limit).
+    max_concurrency: int | None = None
+    #: Seconds without audio before the socket is closed (Cartesia: 180).
+    idle_timeout_s: float = 180.0
+    faults: FaultSettings | None = None
+
+    def validate(self) -> None:
+        if self.idle_timeout_s <= 0:
+            raise ValueError("stt idle_timeout_s must be > 0")
+        if self.max_concurrency is not None and self.max_concurrency < 0:
+            raise ValueError("stt max_concurrency must be >= 0")
+
+
 def valid_model(model_id: str) -> bool:
     return bool(MODEL_RE.match(model_id))
 
@@ -62,6 +79,8 @@ class EmulatorSettings:
     strict_voices: bool = True
     #: Client messages kept in ``Emulator.received``.
     received_cap: int = 10000
+    #: The STT socket (/stt/websocket): concurrency, idle timeout, its own faults.
+    stt: SttSettings = field(default_factory=SttSettings)
 
     def validate(self) -> None:
         if self.voice_backend not in VOICE_BACKENDS:

@@ -1,0 +1,496 @@
+"""Hear the emulator's own tone voices: audio → words, from the audio alone (no I/O).
+
+A tone voice (``voices.ToneSynth``) renders each word as one sine burst of
+``tone_word_ms(word) / speed`` ms at ``tone_word_frequency(word, pitch_offset)`` Hz
+(integer Hz, 5 ms ramps, digital silence around it), then 40 ms of silence. So a
+burst carries two numbers: its frequency and its length. Recognition:
+
+1. **Segment** by energy: RMS of 5 ms windows (``audioop.rms``); a burst opens at a
+   window of RMS ≥ ``min_rms`` and closes after two quieter windows (10 ms). Its edges
+   are then refined to the first/last sample above the noise floor, so its length is
+   known to a few samples whatever the 20 ms frame split points were.
+2. **Frequency** from zero crossings: the exact (interpolated) first and last crossing
+   of the steady part and the crossing count between them (``audioop.cross``): a
+   fraction of a Hz on a clean tone.
+3. **Candidates**: vocabulary words whose tone frequency, for any tone voice's pitch
+   offset, is within ``FREQ_TOLERANCE_HZ`` of it; each implies a speed
+   (``tone_word_ms / burst length``), which must lie in ``SPEED_RANGE_PCT``; each is
+   checked with the Goertzel power at its own frequency (normalised to the burst's
+   energy, 1.0 for a pure tone), and a burst that is not a clean tone
+   (``MIN_TONALITY``) is skipped: noise, clicks, espeak speech.
+4. **Decode** the pending bursts jointly: one voice speaks at one speed, so the
+   (pitch offset, speed) that explains most bursts wins and picks each burst's word;
+   ties go to the voice and speed heard last on the stream, then to words rendered
+   in this process over built-in ones.
+
+The vocabulary is what the emulator's tone voices rendered (``Vocabulary.add_rendered``,
+raw tokens: punctuation changes the pitch, case does not) plus ``BUILTIN_WORDS``.
+Words come out normalised as the TTS normalises timestamps (``normalize_word``).
+
+Limits: only tone voices are heard (espeak and real speech are skipped or, rarely,
+misheard as a vocabulary word); two words with the same letter count and the same
+``crc32 % 400`` sound identical (the built-in list keeps the more common one; among
+rendered words the latest rendered wins); speeds between 0.4 and 2.1; overlapping
+voices are not separated; a burst cut by ``finalize`` is analysed as it is.
+"""
+
+from __future__ import annotations
+
+import array
+import math
+import struct
+import sys
+import warnings
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
+
+from .voices import TONE_VOICES, normalize_word, tone_word_frequency, tone_word_ms
+
+_LITTLE: Final = sys.byteorder == "little"
+#: Pitch offsets (Hz) of the tone voices, in catalogue order (the tie-break order).
+VOICE_OFFSETS: Final = tuple(int(v.param) for v in TONE_VOICES)
+WINDOW_MS: Final = 5
+#: Quiet windows that end a burst (the gap between words is 40 ms).
+END_QUIET_WINDOWS: Final = 2
+#: Default opening threshold (RMS of 16-bit samples); a tone word is 9000 peak at volume 1.
+DEFAULT_MIN_RMS: Final = 300
+#: Samples below this magnitude count as silence when refining a burst's edges.
+EDGE_FLOOR: Final = 24
+#: The ramps of a tone word (ms): left out of the frequency and Goertzel analysis.
+RAMP_MS: Final = 6
+MIN_BURST_MS: Final = 20
+#: A longer burst is cut here and analysed as it is (a tone word at speed 0.45 is < 3.5 s).
+MAX_BURST_MS: Final = 4000
+FREQ_TOLERANCE_HZ: Final = 1.0
+#: Goertzel power / burst energy below which a burst is not a tone (1.0 = pure tone).
+MIN_TONALITY: Final = 0.6
+#: Samples the Goertzel check looks at (the middle of the burst): bounds its cost.
+GOERTZEL_MAX_SAMPLES: Final = 1024
+SPEED_RANGE_PCT: Final = (40.0, 210.0)
+#: Two bursts agree on speed when their implied speeds are this close (percent points).
+SPEED_TOLERANCE_PCT: Final = 1.5
+#: Rendered words remembered (oldest forgotten first).
+MAX_RENDERED_WORDS: Final = 50_000
+RANK_RENDERED: Final = 0
+RANK_BUILTIN: Final = 1
+
+#: Common English words, most common first (our own list; collisions pruned at load).
+BUILTIN_WORDS: Final = """
+the of and to a in is it you that he was for on are with as i his they be at one have this from or had
+by hot but some what there we can out other were all your when up use word how said an each she which
+do their time if will way about many then them would write like so these her long make thing see him two
+has look more day could go come did my sound no most number who over know water than call first people
+may down side been now find any new work part take get place made live where after back little only round
+man year came show every good me give our under name very through just form much great think say help low
+line before turn cause same mean differ move right boy old too does tell sentence set three want air well
+also play small end put home read hand port large spell add even land here must big high such follow act
+why ask men change went light kind off need house picture try us again animal point mother world near build
+self earth father head stand own page should country found answer school grow study still learn plant cover
+food sun four thought let keep eye never last door between city tree cross since hard start might story saw
+far sea draw left late run while press close night real life few stop open seem together next white children
+begin got walk example ease paper often always music those both mark book letter until mile river car feet
+care second group carry took rain eat room friend began idea fish mountain north once base hear horse cut
+sure watch color face wood main enough plain girl usual young ready above ever red list though feel talk
+bird soon body dog family direct pose leave song measure state product black short numeral class wind
+question happen complete ship area half rock order fire south problem piece told knew pass farm top whole
+king size heard best hour better true during hundred am remember step early hold west ground interest reach
+fast five sing listen six table travel less morning ten simple several vowel toward war lay against pattern
+slow center love person money serve appear road map science rule govern pull cold notice voice fall power
+town fine certain fly unit lead cry dark machine note wait plan figure star box noun field rest correct able
+pound done beauty drive stood contain front teach week final gave green oh quick develop sleep warm free
+minute strong special mind behind clear tail produce fact street inch lot nothing course stay wheel full
+force blue object decide surface deep moon island foot yet busy test record boat common gold possible plane
+age dry wonder laugh thousand ago ran check game shape yes cool miss brought heat snow bed bring sit perhaps
+fill east weight language among hello thanks thank please sorry okay account order pay bill phone call agent
+today tomorrow yesterday appointment cancel speak operator problem help billing address email number
+""".split()
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    text: str  # normalised, what the transcript says
+    ms: int  # tone_word_ms at speed 1
+    offset: int
+    rank: int
+
+
+class Vocabulary:
+    """Words the recogniser can hear: rendered tokens (bounded, LRU) plus ``BUILTIN_WORDS``.
+
+    Indexed by tone frequency (Hz, integer) for every tone voice offset. Adding a
+    rendered token is O(voices); ``MAX_RENDERED_WORDS`` bounds it (oldest evicted).
+    """
+
+    def __init__(self, builtin: Iterable[str] = BUILTIN_WORDS, max_rendered: int = MAX_RENDERED_WORDS) -> None:
+        self._by_freq: dict[int, list[_Entry]] = {}
+        self._rendered: OrderedDict[str, None] = OrderedDict()
+        self._max_rendered = max_rendered
+        self.builtin: list[str] = []
+        seen: set[tuple[int, int]] = set()
+        for word in builtin:
+            token = word.lower()
+            # Same letter count and same crc32 % 400: identical audio; the commoner word wins.
+            key = (tone_word_ms(token), zlib.crc32(token.encode("utf-8")) % 400)
+            if key in seen:
+                continue
+            seen.add(key)
+            self.builtin.append(token)
+            self._index(token, RANK_BUILTIN)
+
+    def _index(self, token: str, rank: int) -> None:
+        text, ms = normalize_word(token), tone_word_ms(token)
+        for offset in VOICE_OFFSETS:
+            entries = self._by_freq.setdefault(tone_word_frequency(token, offset), [])
+            entry = _Entry(text, ms, offset, rank)
+            if rank == RANK_RENDERED:
+                entries.insert(0, entry)  # the latest rendered first
+            else:
+                entries.append(entry)
+
+    def _unindex(self, token: str) -> None:
+        text, ms = normalize_word(token), tone_word_ms(token)
+        for offset in VOICE_OFFSETS:
+            freq = tone_word_frequency(token, offset)
+            entries = self._by_freq.get(freq, [])
+            self._by_freq[freq] = [e for e in entries if not (e.rank == RANK_RENDERED and e.text == text and e.ms == ms
+                                                              and e.offset == offset)]
+
+    def add_rendered(self, text: str) -> None:
+        """Record every whitespace-separated token of ``text`` a tone voice rendered."""
+        for token in text.lower().split():
+            if token in self._rendered:
+                continue
+            self._rendered[token] = None
+            self._index(token, RANK_RENDERED)
+            if len(self._rendered) > self._max_rendered:
+                old, _ = self._rendered.popitem(last=False)
+                self._unindex(old)
+
+    def rendered(self) -> list[str]:
+        """Rendered tokens (lower-cased, punctuation kept), oldest first."""
+        return list(self._rendered)
+
+    def near(self, freq: float, tolerance: float = FREQ_TOLERANCE_HZ) -> list[tuple[int, _Entry]]:
+        out: list[tuple[int, _Entry]] = []
+        for f in range(math.floor(freq - tolerance), math.ceil(freq + tolerance) + 1):
+            if abs(f - freq) <= tolerance:
+                out.extend((f, e) for e in self._by_freq.get(f, ()))
+        return out
+
+
+# --------------------------------------------------------------------------- audio
+
+
+def to_linear16(audio: bytes, encoding: str) -> bytes:
+    """Wire audio (whole samples) → native-order signed 16-bit samples."""
+    if encoding == "pcm_mulaw":
+        return audioop.ulaw2lin(audio, 2)
+    if encoding == "pcm_alaw":
+        return audioop.alaw2lin(audio, 2)
+    if encoding == "pcm_s16le":
+        if _LITTLE:
+            return audio
+        arr = array.array("h", audio)
+        arr.byteswap()
+        return arr.tobytes()
+    if encoding == "pcm_s32le":
+        data = audio if _LITTLE else audioop.byteswap(audio, 4)
+        return audioop.lin2lin(data, 4, 2)
+    if encoding in ("pcm_f32le", "pcm_f16le"):
+        fmt = "<f" if encoding == "pcm_f32le" else "<e"
+        values = [max(-32768, min(32767, int(v * 32768.0))) for (v,) in struct.iter_unpack(fmt, audio)]
+        return array.array("h", values).tobytes()
+    raise ValueError(f"unsupported encoding {encoding!r}")
+
+
+def goertzel_tonality(samples: array.array[int], freq: float, rate: int) -> float:
+    """Goertzel power at ``freq`` over ``samples``, divided by their energy × N / 2.
+
+    1.0 for a pure tone at ``freq`` (whatever its amplitude), ~2/N for white noise.
+    """
+    n = len(samples)
+    if n == 0:
+        return 0.0
+    coeff = 2.0 * math.cos(2.0 * math.pi * freq / rate)
+    s1 = s2 = 0.0
+    for x in samples:
+        s0 = x + coeff * s1 - s2
+        s2 = s1
+        s1 = s0
+    power = s1 * s1 + s2 * s2 - coeff * s1 * s2
+    energy = sum(x * x for x in samples)
+    return 0.0 if energy == 0 else 2.0 * power / (n * energy)
+
+
+def zero_crossing_frequency(samples: array.array[int], rate: int) -> float | None:
+    """Frequency (Hz) from the interpolated first and last zero crossing and the count between."""
+    n = len(samples)
+    first = last = None
+    for i in range(1, n):
+        if (samples[i - 1] < 0) != (samples[i] < 0):
+            first = i
+            break
+    for i in range(n - 1, first or n, -1):
+        if (samples[i - 1] < 0) != (samples[i] < 0):
+            last = i
+            break
+    if first is None or last is None or last <= first:
+        return None
+    # Crossings from ``first`` to ``last`` inclusive; audioop.cross uses the same sign rule (x < 0).
+    count = audioop.cross(samples[first - 1 : last + 1].tobytes(), 2)
+    if count < 3:
+        return None
+
+    def where(i: int) -> float:
+        a, b = samples[i - 1], samples[i]
+        return i - 1 + (a / (a - b) if a != b else 0.0)
+
+    span = where(last) - where(first)
+    return (count - 1) * rate / (2.0 * span) if span > 0 else None
+
+
+# --------------------------------------------------------------------------- bursts
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    text: str
+    offset: int  # the voice's pitch offset, Hz
+    speed_pct: float  # speed the burst's length implies for this word, percent
+    rank: int  # RANK_RENDERED or RANK_BUILTIN
+    tonality: float  # Goertzel power at the word's frequency, normalised
+
+
+@dataclass(frozen=True, slots=True)
+class Burst:
+    """One tone burst: sample offsets from the start of the stream's audio (end exclusive)."""
+
+    start: int
+    end: int
+    frequency: float | None
+    candidates: tuple[Candidate, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RecognizedWord:
+    word: str
+    start: float  # seconds from the start of the stream's audio
+    end: float
+
+
+def analyse_burst(pcm: bytes, start: int, rate: int, vocabulary: Vocabulary) -> Burst | None:
+    """One burst's samples (native s16, starting at stream sample ``start``) → ``Burst``,
+    or ``None`` when it is too short to be a word or has no energy above the floor."""
+    samples = array.array("h", pcm)
+    floor = EDGE_FLOOR
+    lo = next((i for i, x in enumerate(samples) if abs(x) > floor), None)
+    if lo is None:
+        return None
+    hi = next(i for i in range(len(samples) - 1, -1, -1) if abs(samples[i]) > floor)
+    # A tone word's first and last samples are exactly 0 (its ramps start and end there).
+    length = hi - lo + 3
+    if length * 1000 < MIN_BURST_MS * rate:
+        return None
+    ramp = RAMP_MS * rate // 1000
+    steady = samples[lo + ramp : hi - ramp + 1]
+    freq = zero_crossing_frequency(steady, rate) if len(steady) > ramp else None
+    burst_start, burst_end = start + lo - 1, start + hi + 2
+    if freq is None:
+        return Burst(burst_start, burst_end, None)
+    middle = steady
+    if len(steady) > GOERTZEL_MAX_SAMPLES:
+        skip = (len(steady) - GOERTZEL_MAX_SAMPLES) // 2
+        middle = steady[skip : skip + GOERTZEL_MAX_SAMPLES]
+    if goertzel_tonality(middle, freq, rate) < MIN_TONALITY:
+        return Burst(burst_start, burst_end, freq)
+    candidates: list[Candidate] = []
+    tonality_at: dict[int, float] = {}
+    lo_speed, hi_speed = SPEED_RANGE_PCT
+    for f, entry in vocabulary.near(freq):
+        speed = entry.ms * rate * 100.0 / (1000.0 * length)
+        if not lo_speed <= speed <= hi_speed:
+            continue
+        if f not in tonality_at:
+            tonality_at[f] = goertzel_tonality(middle, f, rate)
+        if tonality_at[f] >= MIN_TONALITY:
+            candidates.append(Candidate(entry.text, entry.offset, speed, entry.rank, tonality_at[f]))
+    return Burst(burst_start, burst_end, freq, tuple(candidates))
+
+
+def _agrees(c: Candidate, offset: int, speed: float) -> bool:
+    return c.offset == offset and abs(c.speed_pct - speed) <= SPEED_TOLERANCE_PCT
+
+
+def decode(bursts: list[Burst], prior: tuple[int, float] | None = None) -> tuple[list[tuple[Burst, Candidate]], tuple[int, float] | None]:
+    """Pick each burst's word under the (offset, speed) that explains most bursts.
+
+    Returns the chosen (burst, candidate) pairs in order and the hypothesis used.
+    A burst no candidate of which agrees falls back to its own best candidate; a burst
+    without candidates is skipped.
+    """
+    hypotheses = {(c.offset, round(c.speed_pct)) for b in bursts for c in b.candidates}
+    if not hypotheses:
+        return [], prior
+
+    def score(h: tuple[int, int]) -> tuple[float, int, float, int]:
+        total = 0.0
+        for b in bursts:
+            ranks = [c.rank for c in b.candidates if _agrees(c, h[0], h[1])]
+            if ranks:
+                total += 1.0 if min(ranks) == RANK_RENDERED else 0.9
+        near_prior = int(prior is not None and prior[0] == h[0] and abs(prior[1] - h[1]) <= SPEED_TOLERANCE_PCT)
+        return (total, near_prior, -abs(h[1] - 100.0), -VOICE_OFFSETS.index(h[0]) if h[0] in VOICE_OFFSETS else -99)
+
+    best = max(sorted(hypotheses), key=score)
+    out: list[tuple[Burst, Candidate]] = []
+    for b in bursts:
+        if not b.candidates:
+            continue
+        agreeing = [c for c in b.candidates if _agrees(c, best[0], best[1])]
+        pool = agreeing or list(b.candidates)
+        out.append((b, min(pool, key=lambda c: (c.rank, abs(c.speed_pct - best[1]), -c.tonality))))
+    return out, (best[0], float(best[1]))
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+@dataclass(slots=True)
+class StreamingRecognizer:
+    """Audio in any chunking → bursts → words; the pending words are decoded jointly
+    until ``commit``. No I/O; units: samples of the stream's ``rate``.
+
+    Memory: the open burst (at most ``MAX_BURST_MS`` of samples), one pre-roll window,
+    and the pending bursts (at most ``max_pending`` — the caller commits beyond it).
+    """
+
+    vocabulary: Vocabulary
+    rate: int
+    encoding: str = "pcm_mulaw"
+    min_rms: int = DEFAULT_MIN_RMS
+    max_pending: int = 500
+    samples: int = 0  # stream samples consumed (whole windows)
+    pending: list[Burst] = field(default_factory=list)
+    last_burst_end: int = 0
+    prior: tuple[int, float] | None = None
+    bursts_total: int = 0
+    skipped_total: int = 0
+    _carry: bytes = b""  # a partial sample of the wire encoding
+    _partial: bytes = b""  # s16 samples short of a window
+    _preroll: bytes = b""
+    _burst: bytearray | None = None
+    _burst_start: int = 0
+    _quiet: int = 0
+    _last_loud_end: int = 0
+
+    @property
+    def window(self) -> int:
+        return max(1, WINDOW_MS * self.rate // 1000)
+
+    @property
+    def in_burst(self) -> bool:
+        return self._burst is not None
+
+    def silence_samples(self) -> int:
+        """Samples since the end of the last burst (0 while one is open)."""
+        return 0 if self._burst is not None else self.samples - self.last_burst_end
+
+    def feed(self, audio: bytes) -> list[Burst]:
+        """Consume wire audio; return the bursts that closed (also appended to ``pending``)."""
+        width = _sample_bytes(self.encoding)
+        data = self._carry + audio
+        cut = len(data) - len(data) % width
+        self._carry = data[cut:]
+        pcm = self._partial + to_linear16(data[:cut], self.encoding)
+        step = 2 * self.window
+        closed: list[Burst] = []
+        pos = 0
+        while len(pcm) - pos >= step:
+            self._window(pcm[pos : pos + step], closed)
+            pos += step
+        self._partial = pcm[pos:]
+        return closed
+
+    def _window(self, win: bytes, closed: list[Burst]) -> None:
+        n = len(win) // 2
+        rms = audioop.rms(win, 2)
+        if self._burst is None:
+            if rms >= self.min_rms:
+                self._burst = bytearray(self._preroll + win)
+                self._burst_start = self.samples - len(self._preroll) // 2
+                self._quiet = 0
+                self._last_loud_end = self.samples + n
+            else:
+                self._preroll = win
+        else:
+            self._burst += win
+            if rms >= self.min_rms // 2:
+                self._quiet = 0
+                self._last_loud_end = self.samples + n
+            else:
+                self._quiet += 1
+            too_long = len(self._burst) // 2 * 1000 >= MAX_BURST_MS * self.rate
+            if self._quiet >= END_QUIET_WINDOWS or too_long:
+                self._close_burst(closed)
+                self._preroll = win
+        self.samples += n
+
+    def _close_burst(self, closed: list[Burst]) -> None:
+        assert self._burst is not None
+        # Up to one window after the last loud one: the ramp's tail, not the silence after it.
+        keep = min(len(self._burst) // 2, self._last_loud_end - self._burst_start + self.window)
+        burst = analyse_burst(bytes(self._burst[: 2 * keep]), self._burst_start, self.rate, self.vocabulary)
+        self._burst = None
+        if burst is None:
+            return
+        self.last_burst_end = burst.end
+        self.bursts_total += 1
+        if not burst.candidates:
+            self.skipped_total += 1
+            return
+        self.pending.append(burst)
+        closed.append(burst)
+
+    def flush(self) -> list[Burst]:
+        """Close an open burst now (``finalize``/``close``), with the samples short of a window."""
+        closed: list[Burst] = []
+        if self._partial:
+            if self._burst is not None:
+                self._burst += self._partial
+                self._last_loud_end = self.samples + len(self._partial) // 2
+            self.samples += len(self._partial) // 2
+            self._partial = b""
+        if self._burst is not None:
+            self._close_burst(closed)
+        return closed
+
+    def pending_words(self) -> list[RecognizedWord]:
+        chosen, _ = decode(self.pending, self.prior)
+        return [RecognizedWord(c.text, b.start / self.rate, b.end / self.rate) for b, c in chosen]
+
+    def commit(self) -> list[RecognizedWord]:
+        """The pending words, decoded for good; the stream starts a new segment."""
+        chosen, hypothesis = decode(self.pending, self.prior)
+        if chosen:
+            self.prior = hypothesis
+        self.pending = []
+        return [RecognizedWord(c.text, b.start / self.rate, b.end / self.rate) for b, c in chosen]
+
+
+def _sample_bytes(encoding: str) -> int:
+    return {"pcm_mulaw": 1, "pcm_alaw": 1, "pcm_s16le": 2, "pcm_f16le": 2, "pcm_s32le": 4, "pcm_f32le": 4}[encoding]
+
+
+def recognize(audio: bytes, encoding: str, rate: int, vocabulary: Vocabulary) -> list[RecognizedWord]:
+    """Whole-buffer convenience: every word heard in ``audio``."""
+    rec = StreamingRecognizer(vocabulary, rate, encoding)
+    rec.feed(audio)
+    rec.flush()
+    return rec.commit()
