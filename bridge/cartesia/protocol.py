@@ -294,7 +294,7 @@ def parse_output_format(value: Any, ctx: str | None, *, containers: tuple[str, .
     encoding = value.get("encoding")
     if container == "mp3":
         encoding = "mp3"
-    elif encoding not in BYTES_PER_SAMPLE:
+    elif not isinstance(encoding, str) or encoding not in BYTES_PER_SAMPLE:  # a list/dict is unhashable
         raise RequestError(
             f"output_format.encoding {encoding!r} is invalid (use one of {sorted(BYTES_PER_SAMPLE)})",
             field="output_format.encoding",
@@ -370,7 +370,7 @@ def parse_client_message(obj: Any) -> ClientMessage:
             )
         delay = int(delay)
     speed = obj.get("speed")
-    if speed is not None and speed not in LEGACY_SPEEDS:
+    if speed is not None and (not isinstance(speed, str) or speed not in LEGACY_SPEEDS):
         raise RequestError("speed must be slow, normal or fast", field="speed", context_id=ctx)
     pron = obj.get("pronunciation_dict_id")
     if pron is not None and not isinstance(pron, str):
