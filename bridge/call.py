@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
 from bridge.agent import protocol as agent_proto
-from bridge.agent.relay_settings import RelaySettings
+from bridge.agent.relay_settings import RELAY_ATTRIBUTES, RelaySettings
 from bridge.cartesia.protocol import (
     Chunk,
     Done,
@@ -127,8 +127,9 @@ MAX_RESUMES = 5
 BACKOFF_BASE_S = 0.2
 #: Audio received without any word timestamp before the horizon is given up (bytes = 500 ms).
 HORIZON_GIVE_UP_BYTES = 4000
-#: ``<Parameter>`` names the bridge adds for itself; not passed on in ``setup.customParameters``.
-INTERNAL_PARAMETER_PREFIX = "x-bridge-"
+#: ``<Parameter>`` names the bridge uses for itself (routing, call facts, ConversationRelay
+#: settings); every other ``<Parameter>`` reaches the agent in ``setup.customParameters``.
+INTERNAL_PARAMETERS = frozenset({"from", "to", "direction", "agentUrl", *RELAY_ATTRIBUTES})
 #: Which interruptible modes let each barge-in source cut speech (an agent ``interrupt`` always may).
 _MODES_CUT_BY = {"vad": ("speech", "any"), "stt": ("speech", "any"), "dtmf": ("dtmf", "any")}
 
@@ -287,10 +288,7 @@ class CallCore:
         self.relay = settings.relay
         self.stt_connected = False  # the I/O layer says when the STT socket is up
         self.turns: TurnTracker | None = None
-        if settings.stt_enabled:
-            threshold, min_speech_ms, onset_words = self.relay.vad_tuning()
-            self.turns = TurnTracker(speech_timeout_ms=self.relay.speech_timeout_ms, threshold_rms=threshold,
-                                     min_speech_ms=min_speech_ms, onset_words=onset_words)
+        self.configure_relay(settings.relay, stt=settings.stt_enabled)
         self.speech_onset: float | None = None  # caller speech onset of the current turn
         self.prompt_end_of_speech: float | None = None  # the last prompt's end of speech (turn TTFA)
         self.prompt_sent_at: float | None = None
@@ -298,6 +296,19 @@ class CallCore:
         self.prompts = 0
 
     # ------------------------------------------------------------- helpers
+
+    def configure_relay(self, relay: RelaySettings, *, stt: bool) -> None:
+        """This call's ConversationRelay settings (before ``on_start``); ``stt``: the
+        caller's audio goes to speech recognition, so turns are tracked."""
+        self.relay = relay
+        self.turns = None
+        if stt:
+            threshold, min_speech_ms, onset_words = relay.vad_tuning()
+            self.turns = TurnTracker(speech_timeout_ms=relay.speech_timeout_ms, threshold_rms=threshold,
+                                     min_speech_ms=min_speech_ms, onset_words=onset_words)
+        if relay.voice:
+            self.voice_id = relay.voice
+        self.language = relay.cartesia_tts_language if relay.tts_language else self.settings.language
 
     def flush_metrics(self) -> None:
         """Add frames/bytes sent since the last flush to the counters (the I/O
@@ -360,7 +371,7 @@ class CallCore:
                         if (self.prompt_end_of_speech is not None and self.prompt_sent_at is not None
                                 and utt.t_text >= self.prompt_sent_at):
                             # The reply to the caller's turn: what the caller feels.
-                            self.metrics.turn_ttfa.observe(now - self.prompt_end_of_speech)
+                            self.metrics.speech.turn_ttfa.observe(now - self.prompt_end_of_speech)
                             self.prompt_end_of_speech = None
 
     def _count_gap(self, gap: PlayoutGap) -> None:
@@ -382,7 +393,7 @@ class CallCore:
         params = start.custom_parameters
         info = self.call_info
         self._log("stream_started", account_sid=start.account_sid, tracks=start.tracks)
-        custom = {k: v for k, v in params.items() if not k.startswith(INTERNAL_PARAMETER_PREFIX)}
+        custom = {k: v for k, v in params.items() if k not in INTERNAL_PARAMETERS}
         out: list[Action] = [
             ToAgent(
                 agent_proto.setup_message(
@@ -398,7 +409,7 @@ class CallCore:
                     forwarded_from=info.get("forwarded_from", ""),
                     call_type=info.get("call_type", "PSTN"),
                     caller_name=info.get("caller_name", ""),
-                    call_status=info.get("call_status", "IN-PROGRESS"),
+                    call_status=info.get("call_status", "in-progress").upper(),
                 )
             )
         ]
@@ -459,7 +470,7 @@ class CallCore:
         if self.turns is None or not turn_lost:
             return []
         lost = self.turns.abandon_turn()
-        self.metrics.stt_turns.labels(outcome="lost").inc()
+        self.metrics.speech.stt_turns.labels(outcome="lost").inc()
         self._log("stt_turn_lost", logging.WARNING, reason=reason, lost_chars=len(lost))
         return [ToAgent(agent_proto.error_message(f"speech recognition lost the caller's turn: {reason}"))]
 
@@ -477,15 +488,15 @@ class CallCore:
         elif isinstance(event, TurnComplete):
             self.speech_onset = None
             if event.end_of_speech is not None:
-                self.metrics.stt_latency.observe(max(0.0, now - event.end_of_speech))
+                self.metrics.speech.stt_latency.observe(max(0.0, now - event.end_of_speech))
             if not event.text:
-                self.metrics.stt_turns.labels(outcome="empty").inc()
+                self.metrics.speech.stt_turns.labels(outcome="empty").inc()
                 return
             if not self._input_reportable():
-                self.metrics.stt_turns.labels(outcome="ignored").inc()
+                self.metrics.speech.stt_turns.labels(outcome="ignored").inc()
                 self._log("prompt_ignored", reason="agent_speaking", chars=len(event.text))
                 return
-            self.metrics.stt_turns.labels(outcome="prompt").inc()
+            self.metrics.speech.stt_turns.labels(outcome="prompt").inc()
             self.prompts += 1
             self.prompt_end_of_speech = event.end_of_speech
             self.prompt_sent_at = now

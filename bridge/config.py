@@ -13,11 +13,18 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from bridge.agent.relay_settings import RELAY_ATTRIBUTES, RelaySettings, RelaySettingsError
 from bridge.cartesia.protocol import DEFAULT_VERSION, LANGUAGES
+from bridge.cartesia.stt_protocol import STT_MODELS
 from bridge.logs import loggable_url
 
 #: The tone voice of the local emulator; a real deployment sets CARTESIA_VOICE_ID.
 EMULATOR_DEFAULT_VOICE_ID: Final = "5b0f2a52-7e3c-4c1a-9d5e-0c7a1e5f7a01"  # emulator "Tone Alto"
+
+def relay_env_name(attribute: str) -> str:
+    """``welcomeGreeting`` → ``RELAY_WELCOME_GREETING``."""
+    return "RELAY_" + "".join("_" + c if c.isupper() else c.upper() for c in attribute)
+
 
 #: name -> (default, description). Defaults of ``None`` mean unset.
 ENV_VARS: Final[dict[str, tuple[str | None, str]]] = {
@@ -55,6 +62,13 @@ ENV_VARS: Final[dict[str, tuple[str | None, str]]] = {
     "VAD_THRESHOLD_RMS": ("1200", "16-bit RMS above which a frame is speech"),
     "VAD_MIN_SPEECH_MS": ("120", "speech this long before it counts as barge-in"),
     "VAD_HANGOVER_MS": ("200", "silence this long ends a speech run"),
+    "STT_ENABLED": ("auto", "caller audio to Cartesia STT, prompts to the agent: auto (external agents), true, false"),
+    "CARTESIA_STT_MODEL": ("ink-whisper", "Cartesia STT model (manual finalize: ink-whisper, ink-2)"),
+    "CARTESIA_STT_MAX_CONCURRENCY": ("20", "STT sockets per process (Cartesia counts STT per plan, apart from TTS)"),
+    "STT_REPLAY_LIMIT_MS": ("15000", "caller audio kept to replay a turn after an STT socket loss"),
+    "PLAY_URL_ALLOWLIST": (None, "comma-separated http(s) URL prefixes an agent `play` may fetch audio from"),
+    **{relay_env_name(attr): (None, f"default ConversationRelay {attr} (per call: webhook query or <Parameter>)")
+       for attr in RELAY_ATTRIBUTES if attr != "transcription"},
     "DRAIN_GRACE_S": ("120", "on SIGTERM, how long calls in progress may finish"),
     "LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING or ERROR"),
 }
@@ -100,6 +114,12 @@ class Config:
     vad_hangover_ms: int = 200
     drain_grace_s: float = 120.0
     log_level: str = "INFO"
+    stt_enabled: str = "auto"  # auto | true | false
+    cartesia_stt_model: str = "ink-whisper"
+    cartesia_stt_max_concurrency: int = 20
+    stt_replay_limit_ms: int = 15_000
+    play_url_allowlist: tuple[str, ...] = ()
+    relay: RelaySettings = field(default_factory=RelaySettings)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -191,6 +211,22 @@ class Config:
         interval = as_int("PLAYOUT_MARK_INTERVAL_MS", 20, 10_000)
         if interval > lead:
             problems.append("PLAYOUT_MARK_INTERVAL_MS must not exceed PLAYOUT_LEAD_MS (echoes would stall playout)")
+        stt_enabled = str(get("STT_ENABLED")).lower()
+        if stt_enabled not in ("auto", "true", "false"):
+            problems.append(f"STT_ENABLED={stt_enabled!r} must be auto, true or false")
+        stt_model = str(get("CARTESIA_STT_MODEL"))
+        if stt_model not in STT_MODELS:
+            problems.append(f"CARTESIA_STT_MODEL={stt_model!r} must be one of {', '.join(sorted(STT_MODELS))}")
+        play_allow = tuple(p.strip() for p in str(get("PLAY_URL_ALLOWLIST") or "").split(",") if p.strip())
+        for prefix in play_allow:
+            if urlsplit(prefix).scheme not in ("http", "https") or not urlsplit(prefix).netloc:
+                problems.append(f"PLAY_URL_ALLOWLIST entry {prefix!r} must be an http(s)://host... prefix")
+        relay = RelaySettings(tts_language=language, transcription_language=language)
+        try:
+            relay = relay.merged({attr: str(get(relay_env_name(attr))) for attr in RELAY_ATTRIBUTES
+                                  if attr != "transcription" and get(relay_env_name(attr)) is not None})
+        except RelaySettingsError as exc:
+            problems.append(f"RELAY_*: {exc}")
         config = cls(
             public_url=public_url.rstrip("/"),
             twilio_auth_token=get("TWILIO_AUTH_TOKEN"),
@@ -226,6 +262,12 @@ class Config:
             vad_hangover_ms=as_int("VAD_HANGOVER_MS", 20, 10_000),
             drain_grace_s=as_float("DRAIN_GRACE_S", 0.0, 86_400.0),
             log_level=log_level,
+            stt_enabled=stt_enabled,
+            cartesia_stt_model=stt_model,
+            cartesia_stt_max_concurrency=as_int("CARTESIA_STT_MAX_CONCURRENCY", 1, 100_000),
+            stt_replay_limit_ms=as_int("STT_REPLAY_LIMIT_MS", 1000, 120_000),
+            play_url_allowlist=play_allow,
+            relay=relay,
         )
         if problems:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
@@ -246,6 +288,8 @@ class Config:
             "playout_lead_ms": self.playout_lead_ms,
             "agent": loggable_url(self.agent_url) if self.agent_url else "built-in demo agent",
             "agent_token": "set" if self.agent_token else "unset",
+            "stt": self.stt_enabled,
+            "cartesia_stt_model": self.cartesia_stt_model,
         }
 
 

@@ -86,6 +86,11 @@ class TurnTracker:
         return self._in_speech
 
     @property
+    def idle(self) -> bool:
+        """No speech, no loud run starting, no finalize outstanding: no turn in progress."""
+        return not self._in_speech and self._run_onset is None and not self._finalize_pending
+
+    @property
     def finalize_pending(self) -> bool:
         return self._finalize_pending
 

@@ -23,6 +23,8 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
+from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import urlencode
 
@@ -31,8 +33,11 @@ import orjson
 from aiohttp import web
 
 from bridge.agent.connector import AgentConnector
+from bridge.agent.relay_settings import RelaySettingsError
 from bridge.call import CallSettings
 from bridge.cartesia.client import CartesiaPool
+from bridge.cartesia.stt_client import SttAdmission, SttStream
+from bridge.cartesia.stt_protocol import SttParams
 from bridge.config import Config
 from bridge.logs import log_event
 from bridge.registry import CallRegistry
@@ -53,6 +58,10 @@ LAG_PROBE_INTERVAL_S: Final = 0.1
 WS_HARD_MAX_MSG: Final = 1024 * 1024
 #: Webhook parameters forwarded to the stream as <Parameter>s.
 FORWARDED_PARAMS: Final = {"From": "from", "To": "to", "Direction": "direction"}
+#: Webhook form fields kept for the agent's ``setup`` (ConversationRelay names them alike).
+CALL_FACTS: Final = {"From": "from", "To": "to", "Direction": "direction", "CallerName": "caller_name",
+                     "ForwardedFrom": "forwarded_from", "ParentCallSid": "parent_call_sid",
+                     "CallStatus": "call_status"}
 
 
 def emulator_settings_from(args: str) -> Any:
@@ -90,6 +99,7 @@ class BridgeServer:
             greeting=config.greeting,
             max_links=config.max_calls,
             metrics=self.metrics,
+            twilio_auth_token=config.twilio_auth_token,
         )
         self.emulator: Any = None
         self.pool: CartesiaPool | None = None  # set in startup
@@ -115,7 +125,9 @@ class BridgeServer:
             vad_threshold_rms=config.vad_threshold_rms,
             vad_min_speech_ms=config.vad_min_speech_ms,
             vad_hangover_ms=config.vad_hangover_ms,
+            relay=config.relay,
         )
+        self.stt_admission = SttAdmission(config.cartesia_stt_max_concurrency, self.metrics.speech)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -176,6 +188,9 @@ class BridgeServer:
                                     context_timeout_s=config.cartesia_context_timeout_s),
             fallback_line=config.fallback_line,
             call_control=self.call_control,
+            stt=self._stt_factory(cartesia_url) if config.stt_enabled != "false" else None,
+            stt_mode=config.stt_enabled,
+            stt_model=config.cartesia_stt_model,
         )
         self.metrics.before_render.append(self.registry.flush_call_metrics)
         self.pool.start()
@@ -184,6 +199,17 @@ class BridgeServer:
         self.started = True
         self.metrics.ready.set(1)
         log_event(log, "bridge_ready", cartesia_sockets=config.cartesia_pool_size)
+
+    def _stt_factory(self, cartesia_url: str) -> Callable[[CallSession, SttParams], SttStream]:
+        """Each listening call's STT socket, on the same Cartesia host as TTS."""
+        config = self.config
+
+        def open_stt(call: CallSession, params: SttParams) -> SttStream:
+            return SttStream(base_url=cartesia_url, api_key=config.cartesia_api_key, version=config.cartesia_version,
+                             params=params, listener=call, metrics=self.metrics.speech, admission=self.stt_admission,
+                             log_fields={"call_sid": call.core.call_sid, "stream_sid": call.core.stream_sid},
+                             replay_limit_bytes=config.stt_replay_limit_ms * 8)
+        return open_stt
 
     async def _probe_lag(self) -> None:
         """Event-loop lag: how late a 100 ms sleep wakes (one timer, ~10 wakeups/s)."""
@@ -282,12 +308,15 @@ class BridgeServer:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         params = {ours: form[theirs] for theirs, ours in FORWARDED_PARAMS.items() if form.get(theirs)}
-        agent = request.query.get("agentUrl")
-        if agent:
-            params["agentUrl"] = agent
-        greeting = request.query.get("greeting")
-        if greeting:
-            params["greeting"] = greeting
+        try:
+            # ConversationRelay attributes, agentUrl and the call's own parameters, all as <Parameter>s.
+            self.config.relay.merged(request.query)
+        except RelaySettingsError as exc:
+            self.metrics.webhooks.labels(result="bad_request").inc()
+            self.metrics.calls_refused.labels(reason="bad_request").inc()
+            log_event(log, "call_refused", logging.WARNING, call_sid=call_sid, reason="bad_request", error=str(exc))
+            return web.Response(text=say_and_hangup(self.config.busy_line), content_type="text/xml")
+        params.update({k: v for k, v in request.query.items() if k and v and k not in params})
         try:
             twiml = connect_stream(
                 stream_url=self.config.public_ws_base + "/twilio/media",
@@ -301,8 +330,9 @@ class BridgeServer:
             self.metrics.calls_refused.labels(reason="bad_request").inc()
             log_event(log, "call_refused", logging.WARNING, call_sid=call_sid, reason="bad_request", error=str(exc))
             return web.Response(text=say_and_hangup(self.config.busy_line), content_type="text/xml")
-        info = {"session_id": call_sid}
-        info.update({k: v for k, v in params.items() if k in ("from", "to", "direction")})
+        # ConversationRelay's sessionId is its own (VX...), distinct from the CallSid.
+        info = {"session_id": "VX" + uuid.uuid4().hex}
+        info.update({ours: form[theirs] for theirs, ours in CALL_FACTS.items() if form.get(theirs)})
         self.registry.expect(call_sid, info)
         self.metrics.webhooks.labels(result="connected").inc()
         log_event(log, "webhook_answered", call_sid=call_sid)

@@ -10,6 +10,7 @@ peer           collaborator (module)                        owner protocol (call
 =============  ==========================================  ==========================
 Twilio         ``TwilioStream`` (telephony/stream_socket)  ``StreamOwner``
 Cartesia TTS   ``CallContexts`` (bridge/cartesia/contexts)  ``ContextOwner``
+Cartesia STT   ``SttStream`` (bridge/cartesia/stt_client)   ``SttListener``
 agent          ``AgentLink`` via ``AgentConnector``         ``deliver`` / ``closed``
 =============  ==========================================  ==========================
 
@@ -29,19 +30,25 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+from bridge.agent import protocol as agent_proto
 from bridge.agent.connector import AgentConnector
 from bridge.agent.link import AgentLink, AgentUnavailable
+from bridge.agent.relay_settings import RelaySettingsError
 from bridge.call import (
     Action,
     CallCore,
     CallSettings,
     CancelCartesia,
     EndCall,
+    FetchPlay,
+    PlayDigits,
     ResumeLater,
+    SttFinalize,
+    SttReconfigure,
     ToAgent,
     ToCartesia,
     ToTwilio,
@@ -49,9 +56,12 @@ from bridge.call import (
 from bridge.cartesia.client import CartesiaPool
 from bridge.cartesia.contexts import CallContexts
 from bridge.cartesia.protocol import ServerMessage
+from bridge.cartesia.stt_client import SttStream, SttUnavailable
+from bridge.cartesia.stt_protocol import SttParams, SttServerMessage
 from bridge.logs import log_event
 from bridge.registry import CallRegistry
 from metrics import BridgeMetrics
+from telephony.dtmf_tones import dtmf_mulaw
 from telephony.inline_ws import InlineWebSocketResponse
 from telephony.media import (
     Connected,
@@ -90,6 +100,13 @@ class CallServices:
     tts: Callable[[CallSession], CallContexts]
     fallback_line: str
     call_control: CallHangUp | None = None
+    #: The call's Cartesia STT socket (speech in); None = no speech recognition in this process.
+    stt: Callable[[CallSession, SttParams], SttStream] | None = None
+    #: ``auto`` (external agents listen), ``true`` (every call), ``false``.
+    stt_mode: str = "auto"
+    stt_model: str = "ink-whisper"
+    #: Fetches a ``play`` source (allowlisted) as μ-law 8 kHz; None = ``play`` refused.
+    play_fetch: Callable[[str], Awaitable[bytes]] | None = None
 
     @staticmethod
     def tts_on(pool: CartesiaPool, metrics: BridgeMetrics, *, admission_timeout_s: float,
@@ -111,6 +128,9 @@ class CallSession:
         self.twilio = TwilioStream(ws, services.metrics, self)
         self.tts = services.tts(self)
         self.agent: AgentLink | None = None
+        self.stt: SttStream | None = None
+        self._stt_task: asyncio.Task[None] | None = None  # starting (or restarting) the STT socket
+        self._io_tasks: set[asyncio.Task[None]] = set()  # play fetches; cancelled at the end
         self._resumes: dict[str, asyncio.TimerHandle] = {}
         self._end_task: asyncio.Task[None] | None = None
         self.outcome = "completed"
@@ -177,6 +197,12 @@ class CallSession:
             return
         self._n_frames_in += 1
         self._n_bytes_in += len(event.payload)
+        stt = self.stt
+        if stt is not None:
+            turns = self.core.turns
+            if turns is not None and turns.idle:
+                stt.forget_replay()  # no turn in progress: a loss now loses nothing
+            stt.send_audio(event.payload)
         actions = self.core.on_media(event.payload, event.timestamp_ms, now)
         if actions:
             self._execute(actions)
@@ -208,7 +234,7 @@ class CallSession:
                 self.on_bad_input("wrong_stream_sid", f"dtmf for {event.stream_sid}")
                 return
             self._log("dtmf", digit=event.digit)
-            self._execute(self.core.on_dtmf(event.digit))
+            self._execute(self.core.on_dtmf(event.digit, now))
         elif isinstance(event, Stop):
             if self.started and event.stream_sid != self.core.stream_sid:
                 self.on_bad_input("wrong_stream_sid", f"stop for {event.stream_sid}")
@@ -229,12 +255,23 @@ class CallSession:
             self.metrics.webhook_to_start.observe(max(0.0, now - webhook_at))
         self.metrics.active_calls.inc()
         registry.add(self)
+        relay = self.services.settings.relay
+        try:
+            relay = relay.merged(start.custom_parameters)
+        except RelaySettingsError as exc:
+            # The webhook validated its query; a bad <Parameter> from elsewhere keeps the defaults.
+            self.on_bad_input("bad_relay_setting", str(exc))
+        agent_url = start.custom_parameters.get("agentUrl")
+        external = self.services.agents.is_external(agent_url)
+        mode = self.services.stt_mode
+        listen = relay.transcription if relay.transcription is not None else (
+            mode == "true" or (mode == "auto" and external))
+        self.core.configure_relay(relay, stt=listen and self.services.stt is not None)
         actions = self.core.on_start(start, now)
         self.twilio.call_sid, self.twilio.stream_sid = self.core.call_sid, self.core.stream_sid
         self._log("call_started", from_=self.core.call_info.get("from"), params=list(start.custom_parameters))
         try:
-            self.agent = await self.services.agents.connect(
-                start.custom_parameters.get("agentUrl"), self._deliver_from_agent, self._agent_closed)
+            self.agent = await self.services.agents.connect(agent_url, self._deliver_from_agent, self._agent_closed)
         except AgentUnavailable as exc:
             self.metrics.agent_failures.labels(reason="unreachable").inc()
             self._log("agent_unreachable", logging.WARNING, error=str(exc))
@@ -244,6 +281,8 @@ class CallSession:
             self._execute([EndCall("agent_unreachable")])
             return
         self.metrics.agent_connections.inc()
+        if self.core.turns is not None:
+            self._start_stt()
         self._execute(actions)
 
     # ----------------------------------------------------------------- agent
@@ -270,6 +309,78 @@ class CallSession:
 
     def on_tts_failed(self, context_id: str, reason: str, *, retry: bool, cause: str) -> None:
         self._execute(self.core.on_context_lost(context_id, reason, time.monotonic(), retry=retry, cause=cause))
+
+    # ------------------------------------------------ Cartesia STT (SttListener)
+
+    def _stt_params(self) -> SttParams:
+        relay = self.core.relay
+        return SttParams(model=self.services.stt_model, language=relay.cartesia_stt_language,
+                         encoding="pcm_mulaw", sample_rate=8000, keyterms=relay.hints[:100])
+
+    def _start_stt(self) -> None:
+        factory = self.services.stt
+        if factory is None or self.closed:
+            return
+        old, self.stt = self.stt, factory(self, self._stt_params())
+        self.core.stt_connected = False
+        self._stt_task = asyncio.get_running_loop().create_task(self._run_stt_start(old, self.stt),
+                                                                name=f"stt-start-{self.core.call_sid}")
+
+    async def _run_stt_start(self, old: SttStream | None, stream: SttStream) -> None:
+        if old is not None:
+            await old.close()
+        try:
+            await stream.start()
+        except SttUnavailable as exc:
+            if self.stt is not stream:
+                return  # superseded by a newer socket (language or hints changed): nothing lost
+            self.stt = None
+            self._log("stt_unavailable", logging.WARNING, reason=exc.reason, error=str(exc)[:200])
+            if not self.closed:
+                # Without ears the call still speaks; barge-in falls back to the energy VAD.
+                self._execute([ToAgent(agent_proto.error_message(
+                    f"speech recognition unavailable ({exc.reason}); the caller's speech is not transcribed"))])
+            return
+        if self.stt is stream and not self.closed:
+            self.core.stt_connected = True
+
+    def on_stt_message(self, msg: SttServerMessage, received_at: float) -> None:
+        if not self.closed:
+            self._execute(self.core.on_stt(msg, received_at))
+
+    def on_stt_lost(self, reason: str, *, turn_lost: bool) -> None:
+        if not self.closed:
+            self._execute(self.core.on_stt_lost(reason, turn_lost=turn_lost))
+
+    def on_stt_restored(self) -> None:
+        if not self.closed:
+            self.core.stt_connected = True
+            self._log("stt_restored")
+
+    # ------------------------------------------------------ play / sendDigits
+
+    def _play(self, action: FetchPlay) -> None:
+        fetch = self.services.play_fetch
+        if fetch is None:
+            self._execute([ToAgent(agent_proto.error_message(
+                "play is not enabled on this bridge (set PLAY_URL_ALLOWLIST)"))])
+            return
+        task = asyncio.get_running_loop().create_task(self._fetch_and_play(fetch, action), name="play-fetch")
+        self._io_tasks.add(task)
+        task.add_done_callback(self._io_tasks.discard)
+
+    async def _fetch_and_play(self, fetch: Callable[[str], Awaitable[bytes]], action: FetchPlay) -> None:
+        try:
+            audio = await fetch(action.source)
+        except Exception as exc:  # noqa: BLE001 - any fetch failure is the agent's error message
+            self.metrics.bad_input.labels(source="agent", kind="play_failed").inc()
+            self._log("play_failed", logging.WARNING, error=str(exc)[:200])
+            if not self.closed:
+                self._execute([ToAgent(agent_proto.error_message(f"play failed: {exc}"))])
+            return
+        if not self.closed:
+            self._execute(self.core.play_audio(audio, time.monotonic(), loop=action.loop,
+                                               interruptible=action.interruptible, preemptible=action.preemptible))
 
     def _resume(self, utterance_id: str) -> None:
         self._resumes.pop(utterance_id, None)
@@ -299,6 +410,16 @@ class CallSession:
                     self.agent.send(action.message)
             elif isinstance(action, EndCall):
                 self._end_call(action)
+            elif isinstance(action, SttFinalize):
+                if self.stt is not None:
+                    self.stt.finalize()
+            elif isinstance(action, SttReconfigure):
+                self._start_stt()
+            elif isinstance(action, FetchPlay):
+                self._play(action)
+            elif isinstance(action, PlayDigits):
+                self._execute(self.core.play_audio(dtmf_mulaw(action.digits), time.monotonic(),
+                                                   interruptible="none", label="digits"))
         twilio.flush()
 
     # ------------------------------------------------------------------- end
@@ -364,6 +485,15 @@ class CallSession:
         for handle in self._resumes.values():
             handle.cancel()
         self._resumes.clear()
+        for task in [self._stt_task, *self._io_tasks]:
+            if task is not None and not task.done():
+                task.cancel()
+        await asyncio.gather(*[t for t in [self._stt_task, *self._io_tasks] if t is not None],
+                             return_exceptions=True)
+        self._io_tasks.clear()
+        if self.stt is not None:
+            stt, self.stt = self.stt, None
+            await stt.close()
         end_task = self._end_task
         if end_task is not None and end_task is not asyncio.current_task():
             end_task.cancel()

@@ -22,6 +22,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from metrics.speech import SpeechMetrics
+
 #: Buckets for sub-millisecond to multi-second latencies, in seconds.
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.125,
@@ -35,6 +37,8 @@ class BridgeMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        #: Speech in (Cartesia STT, turns): ``metrics/speech.py``.
+        self.speech = SpeechMetrics(r)
         #: Called before every ``render``: hot paths count per call in plain ints
         #: and add them to the counters here (and when the call ends), so a
         #: scrape is exact without a locked ``inc`` per frame.

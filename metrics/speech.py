@@ -33,7 +33,7 @@ SPEECH_LATENCY_BUCKETS: Final = (
 STT_ERROR_KINDS: Final = ("handshake_401", "handshake_429", "connect", "server_error", "malformed", "lost")
 #: ``bridge_stt_turns_total`` outcomes: a prompt went to the agent, the turn had no words,
 #: or its audio could not be transcribed (STT socket lost).
-STT_TURN_OUTCOMES: Final = ("prompt", "empty", "lost")
+STT_TURN_OUTCOMES: Final = ("prompt", "empty", "ignored", "lost")
 
 
 class SpeechMetrics:

@@ -2,7 +2,8 @@
 
 It greets (the ``greeting`` custom parameter, else the configured line),
 reads DTMF digits back, speaks a long interruptible passage on ``9``, and on
-``0`` says goodbye and ends the call. Its text streams word by word, so it
+``0`` says goodbye and ends the call. When the call listens (speech in), it
+repeats what the caller said (each final ``prompt``). Its text streams word by word, so it
 exercises continuations; it reacts to ``interrupt`` and ``spoken``.
 """
 
@@ -72,6 +73,8 @@ class BuiltinAgentLink(AgentLink):
         if kind == "setup":
             params = msg.get("customParameters") or {}
             self._say(str(params.get("greeting") or self.greeting))
+        elif kind == "prompt" and msg.get("last") and str(msg.get("voicePrompt") or "").strip():
+            self._say(f"You said {str(msg['voicePrompt']).strip()}.")
         elif kind == "dtmf":
             digit = str(msg.get("digit"))
             if digit == "9":

@@ -23,6 +23,7 @@ from bridge.agent.builtin import BuiltinAgentLink
 from bridge.agent.link import AgentLink, AgentUnavailable, Closed, Deliver, RemoteAgentLink, agent_url_allowed
 from bridge.logs import loggable_url
 from metrics import BridgeMetrics
+from telephony.signature import sign
 
 #: Connections beyond ``max_links`` (calls that are ending while new ones connect).
 LINK_HEADROOM: Final = 32
@@ -41,6 +42,7 @@ class AgentConnector:
         greeting: str,
         max_links: int,
         metrics: BridgeMetrics,
+        twilio_auth_token: str | None = None,
     ) -> None:
         self.agent_url = agent_url
         self.allowlist = allowlist
@@ -50,6 +52,7 @@ class AgentConnector:
         self.connection_limit = max_links + LINK_HEADROOM
         self.metrics = metrics
         self.http: aiohttp.ClientSession | None = None
+        self._twilio_auth_token = twilio_auth_token
 
     def start(self) -> None:
         """Create the shared HTTP client (inside the running event loop)."""
@@ -60,6 +63,10 @@ class AgentConnector:
         if self.http is not None:
             await self.http.close()
             self.http = None
+
+    def is_external(self, requested_url: str | None) -> bool:
+        """Whether a call with this ``agentUrl`` parameter talks to a remote agent."""
+        return bool(requested_url or self.agent_url)
 
     async def connect(self, requested_url: str | None, deliver: Deliver, closed: Closed) -> AgentLink:
         """The call's agent, started. ``requested_url``: the call's own
@@ -75,7 +82,10 @@ class AgentConnector:
         if url:
             self.start()
             assert self.http is not None
-            link = RemoteAgentLink(url, self._token, self.http, self.connect_timeout_s)
+            remote = RemoteAgentLink(url, self._token, self.http, self.connect_timeout_s)
+            if self._twilio_auth_token:
+                remote.signature = sign(self._twilio_auth_token, url)
+            link = remote
         else:
             link = BuiltinAgentLink(self.greeting)
         await link.start(deliver, closed)

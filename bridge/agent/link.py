@@ -81,8 +81,15 @@ class RemoteAgentLink(AgentLink):
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
+    #: Set by the connector when TWILIO_AUTH_TOKEN is: ``X-Twilio-Signature`` for the upgrade,
+    #: computed as Twilio does for ConversationRelay (the URL, no params), so agents that
+    #: validate it (as Twilio tells them to) accept the bridge.
+    signature: str | None = None
+
     async def start(self, deliver: Deliver, closed: Closed) -> None:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        if self.signature is not None:
+            headers["X-Twilio-Signature"] = self.signature
         try:
             self._ws = await asyncio.wait_for(
                 self._session.ws_connect(
