@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bridge.cartesia.emulator import DEFAULT_VOICE_ID
 from metrics.scrape import value
 from telephony.simulator import SimulatedCall, fetch_speech
 
