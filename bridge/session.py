@@ -473,6 +473,10 @@ class CallSession:
                 self.metrics.agent_connections.dec()
                 self.agent = None
             await self.twilio.close()
+            if self.stt is not None:
+                # Last: the call is already counted as ended while STT says goodbye (bounded).
+                stt, self.stt = self.stt, None
+                await stt.close()
             self._log("call_ended", outcome=self.outcome, frames_sent=self.core.frames_sent,
                       late_chunks=self.core.late_chunks, playout_gaps=self.core.gaps,
                       playout_gap_ms=self.core.gap_ms, duration_s=round(time.monotonic() - self.connected_at, 3))
@@ -491,9 +495,6 @@ class CallSession:
         await asyncio.gather(*[t for t in [self._stt_task, *self._io_tasks] if t is not None],
                              return_exceptions=True)
         self._io_tasks.clear()
-        if self.stt is not None:
-            stt, self.stt = self.stt, None
-            await stt.close()
         end_task = self._end_task
         if end_task is not None and end_task is not asyncio.current_task():
             end_task.cancel()

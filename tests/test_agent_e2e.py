@@ -191,7 +191,9 @@ async def test_agent_disconnect_ends_the_call_cleanly(make_bridge: BridgeFactory
 
 async def test_caller_barge_in_is_word_exact(make_bridge: BridgeFactory, agent: AgentServer) -> None:
     # 2x real time: Cartesia is still generating when the caller talks, so there is something to cancel.
-    bridge = await make_bridge({"AGENT_URL": agent.url, "VAD_ENABLED": "true", "VAD_MIN_SPEECH_MS": "60"},
+    # The energy VAD is the barge-in source when speech recognition is off.
+    bridge = await make_bridge({"AGENT_URL": agent.url, "VAD_ENABLED": "true", "VAD_MIN_SPEECH_MS": "60",
+                                "STT_ENABLED": "false"},
                                emulator_settings=EmulatorSettings(ttfb_ms=5, rtf=0.5))
     call = bridge.call()
     await call.place()

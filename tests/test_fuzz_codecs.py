@@ -326,7 +326,8 @@ def test_agent_messages_round_trip(token: str, last: bool, interruptible: bool |
     text: dict[str, Any] = {"type": "text", "token": token, "last": last, **_wire_overrides(ov)}
     if interruptible is not None:
         text["interruptible"] = interruptible
-    assert ap.parse_agent_message(_json(text)) == ap.Text(token, last, interruptible, ov)
+    mode = None if interruptible is None else ap.interrupt_mode(interruptible)
+    assert ap.parse_agent_message(_json(text)) == ap.Text(token, last, mode, ov)
     config: dict[str, Any] = {"type": "config", **_wire_overrides(ov)}
     config.update({k: v for k, v in (("media", media), ("vad", vad)) if v is not None})
     assert ap.parse_agent_message(_json(config)) == ap.ConfigUpdate(ov, media, vad)
