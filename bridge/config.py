@@ -16,10 +16,9 @@ from urllib.parse import urlsplit
 from bridge.agent.relay_settings import RELAY_ATTRIBUTES, RelaySettings, RelaySettingsError
 from bridge.cartesia.protocol import DEFAULT_VERSION, LANGUAGES
 from bridge.cartesia.stt_protocol import STT_MODELS
+from bridge.defaults import EMULATOR_DEFAULT_VOICE_ID, PLAYOUT_LEAD_MS
 from bridge.logs import loggable_url
 
-#: The tone voice of the local emulator; a real deployment sets CARTESIA_VOICE_ID.
-EMULATOR_DEFAULT_VOICE_ID: Final = "5b0f2a52-7e3c-4c1a-9d5e-0c7a1e5f7a01"  # emulator "Tone Alto"
 
 def relay_env_name(attribute: str) -> str:
     """``welcomeGreeting`` → ``RELAY_WELCOME_GREETING``."""
@@ -47,7 +46,7 @@ ENV_VARS: Final[dict[str, tuple[str | None, str]]] = {
     "CARTESIA_MAX_BUFFER_DELAY_MS": ("300", "max_buffer_delay_ms sent with streamed text (0 = generate at once)"),
     "CARTESIA_SOCKET_MAX_AGE_S": ("240", "replace a Cartesia socket idle this long (Cartesia closes at 300 s)"),
     "MAX_CALLS": ("500", "concurrent calls per process; more get a polite refusal"),
-    "PLAYOUT_LEAD_MS": ("300", "audio sent ahead of what the caller has heard, at most"),
+    "PLAYOUT_LEAD_MS": (str(PLAYOUT_LEAD_MS), "audio sent ahead of what the caller has heard, at most"),
     "PLAYOUT_MARK_INTERVAL_MS": ("100", "a Twilio mark every this many ms of audio"),
     "PLAYOUT_MAX_BUFFER_MS": ("60000", "per-call buffer of audio not yet sent; beyond it the utterance is cut"),
     "GREETING": ("Hello! You are connected to the media bridge.", "what the built-in agent says first"),
@@ -69,6 +68,8 @@ ENV_VARS: Final[dict[str, tuple[str | None, str]]] = {
     "PLAY_URL_ALLOWLIST": (None, "comma-separated http(s) URL prefixes an agent `play` may fetch audio from"),
     **{relay_env_name(attr): (None, f"default ConversationRelay {attr} (per call: webhook query or <Parameter>)")
        for attr in RELAY_ATTRIBUTES if attr != "transcription"},
+    "TWILIO_FAST_PATH": ("true", "handle Twilio media/mark messages in the socket's data callback when the "
+                         "installed aiohttp passes the start-up check; false = aiohttp's receive() for all"),
     "DRAIN_GRACE_S": ("120", "on SIGTERM, how long calls in progress may finish"),
     "LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING or ERROR"),
 }
@@ -97,7 +98,7 @@ class Config:
     cartesia_max_buffer_delay_ms: int = 300
     cartesia_socket_max_age_s: float = 240.0
     max_calls: int = 500
-    playout_lead_ms: int = 300
+    playout_lead_ms: int = PLAYOUT_LEAD_MS
     playout_mark_interval_ms: int = 100
     playout_max_buffer_ms: int = 60_000
     greeting: str = "Hello! You are connected to the media bridge."
@@ -112,6 +113,7 @@ class Config:
     vad_threshold_rms: int = 1200
     vad_min_speech_ms: int = 120
     vad_hangover_ms: int = 200
+    twilio_fast_path: bool = True
     drain_grace_s: float = 120.0
     log_level: str = "INFO"
     stt_enabled: str = "auto"  # auto | true | false
@@ -260,6 +262,7 @@ class Config:
             vad_threshold_rms=as_int("VAD_THRESHOLD_RMS", 1, 32767),
             vad_min_speech_ms=as_int("VAD_MIN_SPEECH_MS", 20, 10_000),
             vad_hangover_ms=as_int("VAD_HANGOVER_MS", 20, 10_000),
+            twilio_fast_path=as_bool("TWILIO_FAST_PATH"),
             drain_grace_s=as_float("DRAIN_GRACE_S", 0.0, 86_400.0),
             log_level=log_level,
             stt_enabled=stt_enabled,

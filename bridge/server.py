@@ -28,7 +28,6 @@ from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import urlencode
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -44,7 +43,7 @@ from bridge.registry import CallRegistry
 from bridge.session import CallHangUp, CallServices, CallSession
 from metrics import BridgeMetrics
 from metrics.http import metrics_handler
-from telephony.inline_ws import INLINE_RECEIVE, InlineWebSocketResponse
+from telephony.inline_ws import FastPathStatus, InlineWebSocketResponse, self_test
 from telephony.media import MAX_INBOUND_MESSAGE_BYTES
 from telephony.signature import SignatureChecker
 from telephony.twiml import connect_stream, say_and_hangup
@@ -104,6 +103,7 @@ class BridgeServer:
         self.emulator: Any = None
         self.pool: CartesiaPool | None = None  # set in startup
         self.services: CallServices | None = None  # set in startup, once the pool exists
+        self.fast_path = FastPathStatus(False, "not checked yet")  # set in startup
         self._lag_probe: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()  # prewarm tasks; owned so none is lost
         self.draining = False
@@ -151,10 +151,7 @@ class BridgeServer:
     async def startup(self) -> None:
         config = self.config
         log_event(log, "bridge_starting", **config.summary())
-        if not INLINE_RECEIVE:
-            log_event(log, "inline_receive_unavailable", logging.WARNING,
-                      aiohttp=aiohttp.__version__,
-                      detail="Twilio messages take aiohttp's receive() path: correct, but more CPU per call")
+        await self._check_fast_path()
         if not self.signatures.enforced:
             log_event(log, "SIGNATURES_NOT_ENFORCED", logging.WARNING,
                       detail="TWILIO_AUTH_TOKEN is unset: anyone can call the webhook and open media streams. "
@@ -210,6 +207,16 @@ class BridgeServer:
                              log_fields={"call_sid": call.core.call_sid, "stream_sid": call.core.stream_sid},
                              replay_limit_bytes=config.stt_replay_limit_ms * 8)
         return open_stt
+
+    async def _check_fast_path(self) -> None:
+        """Which path Twilio messages take here, checked on a loopback socket, logged and exported."""
+        self.fast_path = await self_test(inline=self.config.twilio_fast_path)
+        self.metrics.twilio_fast_path.set(1 if self.fast_path.active else 0)
+        level = logging.INFO if self.fast_path.active or not self.config.twilio_fast_path else logging.WARNING
+        log_event(log, "twilio_fast_path", level, active=self.fast_path.active, reason=self.fast_path.reason,
+                  aiohttp=self.fast_path.aiohttp_version,
+                  detail=None if self.fast_path.active else
+                  "Twilio messages take aiohttp's receive() path: correct, but more CPU per call")
 
     async def _probe_lag(self) -> None:
         """Event-loop lag: how late a 100 ms sleep wakes (one timer, ~10 wakeups/s)."""
@@ -369,7 +376,8 @@ class BridgeServer:
             self.metrics.signature_failures.labels(endpoint="media").inc()
             log_event(log, "signature_rejected", logging.WARNING, endpoint="media", remote=request.remote)
             raise web.HTTPForbidden(text="invalid X-Twilio-Signature")
-        ws = InlineWebSocketResponse(max_msg_size=WS_HARD_MAX_MSG, compress=False, autoping=True)
+        ws = InlineWebSocketResponse(max_msg_size=WS_HARD_MAX_MSG, compress=False, autoping=True,
+                                     inline=self.fast_path.active)
         await ws.prepare(request)
         assert self.services is not None, "media stream before start-up"
         session = CallSession(self.services, ws)

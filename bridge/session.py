@@ -141,13 +141,21 @@ class CallSession:
         # (before every /metrics render and at call end): no locked inc per frame.
         self._n_frames_in = 0
         self._n_bytes_in = 0
+        self._buffered_reported = 0  # this call's share of bridge_playout_buffered_bytes
 
     def flush_metrics(self) -> None:
+        """Add this call's batched counts to the shared metrics (before every
+        /metrics render and at call end); the buffered-audio gauge moves by
+        this call's change since the last flush."""
         m = self.metrics
         if self._n_frames_in:
             m.frames_in.inc(self._n_frames_in)
             m.bytes_in.inc(self._n_bytes_in)
             self._n_frames_in = self._n_bytes_in = 0
+        buffered = 0 if self.closed else self.core.playout.buffered_bytes
+        if buffered != self._buffered_reported:
+            m.playout_buffered_bytes.inc(buffered - self._buffered_reported)
+            self._buffered_reported = buffered
         self.twilio.flush_metrics()
         self.core.flush_metrics()
 
@@ -184,12 +192,16 @@ class CallSession:
             else:
                 self._on_mark_echo(event, now)  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - a bug must end this call, not the socket's data callback
-            self.metrics.internal_errors.inc()
-            self._log("call_internal_error", logging.ERROR, error=repr(exc)[:300], exc_info=exc)
-            self.outcome = "internal_error"
-            self.closed = True
-            self.twilio.close_soon()
+            self._internal_error(exc)
         return True
+
+    def _internal_error(self, exc: Exception) -> None:
+        """A bug in handling this call's input: end this call (only), say so."""
+        self.metrics.internal_errors.inc()
+        self._log("call_internal_error", logging.ERROR, error=repr(exc)[:300], exc_info=exc)
+        self.outcome = "internal_error"
+        self.closed = True
+        self.twilio.close_soon()
 
     def _on_media(self, event: Media, now: float) -> None:
         if event.stream_sid != self.core.stream_sid:
@@ -214,6 +226,12 @@ class CallSession:
         self._execute(self.core.on_mark(event.name, now))
 
     async def on_event(self, event: InboundEvent, now: float) -> None:
+        try:
+            await self._on_event(event, now)
+        except Exception as exc:  # noqa: BLE001 - a bug must end this call, not the server's handler
+            self._internal_error(exc)
+
+    async def _on_event(self, event: InboundEvent, now: float) -> None:
         if isinstance(event, Media):
             if not self.started:
                 self.on_bad_input("media_before_start", "media received before start")

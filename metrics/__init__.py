@@ -58,6 +58,11 @@ class BridgeMetrics:
             "bridge_cartesia_admission_queue", "Utterances waiting for a Cartesia concurrency slot", registry=r
         )
         self.agent_connections = Gauge("bridge_agent_connections", "Open agent WebSockets", registry=r)
+        self.twilio_fast_path = Gauge(
+            "bridge_twilio_fast_path",
+            "1 when Twilio media/mark messages are handled in the socket's data callback (start-up self-test "
+            "passed), 0 when they take aiohttp's receive() (correct, more CPU per call)", registry=r,
+        )
 
         # Latency histograms.
         self.tts_ttfb = Histogram(

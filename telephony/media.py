@@ -117,16 +117,6 @@ def _stream_sid(obj: dict[str, Any]) -> str:
     return sid
 
 
-def decode_payload(payload: Any) -> bytes:
-    """Strict base64 decode of a ``media.payload``; raises ``MediaError``."""
-    if not isinstance(payload, str):
-        raise MediaError("invalid_base64", "media.payload must be a base64 string")
-    try:
-        return binascii.a2b_base64(payload, strict_mode=True)
-    except (binascii.Error, ValueError) as exc:
-        raise MediaError("invalid_base64", f"media.payload is not valid base64 ({exc})") from None
-
-
 def parse_inbound(data: str | bytes) -> InboundEvent:
     """Decode one Twilio -> bridge text frame. Raises ``MediaError``.
 

@@ -339,3 +339,22 @@ async def test_a_burst_of_tokens_goes_to_cartesia_as_few_inputs_with_the_same_te
     assert all(r["continue"] for r in requests[:-1]) and requests[-1]["continue"] is False
     assert all(len(r["transcript"]) <= MAX_MERGED_CHARS for r in requests)
     await call.hangup()
+
+
+async def test_buffered_audio_gauge_follows_the_playout_and_returns_to_zero(make_bridge: BridgeFactory) -> None:
+    """The emulator delivers the greeting 20x faster than it plays: the audio the bridge holds
+    behind the 300 ms lead shows in bridge_playout_buffered_bytes, and the gauge is 0 after the call."""
+    bridge = await make_bridge({"GREETING": " ".join(["buffered"] * 40)})
+    call = bridge.call()
+    await call.place()
+    await call.connect()
+    assert await wait_for(lambda: bool(bridge.server.calls), 5)
+    (session,) = bridge.server.calls
+    assert await wait_for(lambda: session.core.playout.buffered_bytes > 8000, 5), "a second of audio waits"
+    samples = await bridge.metrics()
+    held = session.core.playout.buffered_bytes
+    gauge = value(samples, "bridge_playout_buffered_bytes")
+    assert gauge > 8000 and abs(gauge - held) <= 8000, (gauge, held)  # the scrape flushed this call's share
+    await call.hangup()
+    assert await wait_for(lambda: not bridge.server.calls, 5)
+    assert value(await bridge.metrics(), "bridge_playout_buffered_bytes") == 0

@@ -49,3 +49,10 @@ def test_serve_rejects_bad_config_at_start_and_help_lists_variables() -> None:
     for name in ("PUBLIC_URL", "TWILIO_AUTH_TOKEN", "CARTESIA_API_KEY", "CARTESIA_URL", "CARTESIA_VERSION",
                  "CARTESIA_MODEL", "CARTESIA_VOICE_ID", "CARTESIA_LANGUAGE"):
         assert name in helped.stdout
+
+
+def test_one_default_voice_for_the_config_and_the_emulator() -> None:
+    from bridge.cartesia.emulator import DEFAULT_VOICE_ID
+    from bridge.defaults import EMULATOR_DEFAULT_VOICE_ID
+
+    assert Config().cartesia_voice_id == EMULATOR_DEFAULT_VOICE_ID == DEFAULT_VOICE_ID

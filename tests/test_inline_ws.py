@@ -18,7 +18,16 @@ from aiohttp import WSMsgType, web
 
 from bridge.wsframe import frame_text
 from metrics.scrape import value
-from telephony.inline_ws import INLINE_RECEIVE, InlineWebSocketResponse
+from telephony.inline_ws import (
+    INLINE_RECEIVE,
+    INLINE_RECEIVE_REASON,
+    KNOWN_POST_START,
+    InlineWebSocketResponse,
+    check_hook,
+    post_start_fingerprint,
+    self_test,
+    source_fingerprint,
+)
 
 from .conftest import BridgeFactory
 from .test_call_e2e import wait_for
@@ -84,8 +93,58 @@ async def harness() -> Harness:
     await h.stop()
 
 
+#: On an aiohttp the guard does not know, the bridge runs the plain path (tested below with
+#: TWILIO_FAST_PATH=false); these tests then skip and say why instead of failing the suite.
+requires_fast_path = pytest.mark.skipif(
+    not INLINE_RECEIVE, reason=f"aiohttp {aiohttp.__version__}: fast path off ({INLINE_RECEIVE_REASON})")
+
+
+@requires_fast_path
 def test_the_installed_aiohttp_has_the_inline_hook() -> None:
-    assert INLINE_RECEIVE, f"aiohttp {aiohttp.__version__}: inline receive unavailable (plain path only)"
+    assert post_start_fingerprint() in KNOWN_POST_START
+    assert check_hook() == (True, "aiohttp internals as verified")
+
+
+class _Original:
+    def _post_start(self, request, protocol, writer):  # type: ignore[no-untyped-def]
+        self._writer = writer
+        request.protocol.keep_alive(False)
+
+
+class _SameCodeOtherLayout:
+    def _post_start(self, request, protocol, writer):  # type: ignore[no-untyped-def]
+        # a comment, a blank line and other spacing change nothing
+        self._writer = writer
+
+        request.protocol.keep_alive( False )
+
+
+class _ChangedCode:
+    def _post_start(self, request, protocol, writer):  # type: ignore[no-untyped-def]
+        self._writer = writer
+        request.protocol.keep_alive(True)
+
+
+def test_the_guard_accepts_only_a_known_post_start() -> None:
+    known = source_fingerprint(_Original._post_start)
+    assert source_fingerprint(_SameCodeOtherLayout._post_start) == known
+    assert source_fingerprint(_ChangedCode._post_start) != known
+    assert check_hook(_SameCodeOtherLayout._post_start, frozenset({known})) == (True, "aiohttp internals as verified")
+    ok, reason = check_hook(_ChangedCode._post_start, frozenset({known}))
+    assert not ok and "_post_start changed" in reason
+    ok, reason = check_hook(None, frozenset())
+    assert not ok and "_post_start changed" in reason, "the installed aiohttp is refused when it is not listed"
+
+
+@requires_fast_path
+async def test_the_self_test_sees_the_inline_path() -> None:
+    status = await self_test()
+    assert status.active and status.aiohttp_version == aiohttp.__version__
+
+
+async def test_the_self_test_reports_the_plain_path_when_it_runs() -> None:
+    status = await self_test(inline=False)
+    assert not status.active and status.reason
 
 
 def test_frame_text_length_classes() -> None:
@@ -94,6 +153,7 @@ def test_frame_text_length_classes() -> None:
     assert frame_text(b"a" * 65536)[:10] == b"\x81\x7f" + (65536).to_bytes(8, "big")
 
 
+@requires_fast_path
 async def test_sink_takes_messages_inline_and_order_is_kept_behind_queued_ones(harness: Harness) -> None:
     async with websockets.connect(harness.url) as client:
         await asyncio.wait_for(harness.ready.wait(), 5)
@@ -135,8 +195,11 @@ async def test_send_texts_writes_every_length_class_in_order(harness: Harness) -
         harness.ws.send_texts(["late"])
 
 
+@requires_fast_path
 async def test_a_real_call_takes_the_inline_path_for_media_and_marks(make_bridge: BridgeFactory) -> None:
     bridge = await make_bridge({"GREETING": " ".join(["inline"] * 20)})
+    assert bridge.server.fast_path.active
+    assert value(await bridge.metrics(), "bridge_twilio_fast_path") == 1
     call = bridge.call(send_inbound_audio=False)
     await call.place()
     await call.connect()
@@ -156,8 +219,9 @@ async def test_a_real_call_takes_the_inline_path_for_media_and_marks(make_bridge
     assert value(samples, "bridge_twilio_bytes_in_total") == 40 * 160
 
 
-async def test_a_bug_in_the_inline_handler_ends_that_call_only(make_bridge: BridgeFactory) -> None:
-    bridge = await make_bridge({"GREETING": "still here"})
+@pytest.mark.parametrize("fast_path", ["true", "false"])
+async def test_a_bug_in_the_media_handler_ends_that_call_only(make_bridge: BridgeFactory, fast_path: str) -> None:
+    bridge = await make_bridge({"GREETING": "still here", "TWILIO_FAST_PATH": fast_path})
     broken, healthy = bridge.call(send_inbound_audio=False), bridge.call(send_inbound_audio=False)
     for call in (broken, healthy):
         await call.place()
@@ -181,3 +245,30 @@ async def test_a_bug_in_the_inline_handler_ends_that_call_only(make_bridge: Brid
     await healthy.send_dtmf("5")
     assert await healthy.wait_until(lambda: healthy.record.media_bytes > before, 5)
     await healthy.hangup()
+
+
+async def test_the_plain_path_carries_a_whole_call(make_bridge: BridgeFactory) -> None:
+    """TWILIO_FAST_PATH=false (what an unknown aiohttp gets): every message takes receive(); the
+    call is the same: greeting heard, marks echoed, DTMF answered, frames counted, metric 0."""
+    bridge = await make_bridge({"GREETING": " ".join(["plain"] * 10), "TWILIO_FAST_PATH": "false"})
+    assert not bridge.server.fast_path.active
+    call = bridge.call(send_inbound_audio=False)
+    await call.place()
+    await call.connect()
+    assert await wait_for(lambda: bool(bridge.server.calls), 5)
+    session = next(iter(bridge.server.calls))
+    assert await call.wait_until(lambda: call.record.marks_echoed >= 3, 10)
+    assert call._factory is not None  # noqa: SLF001
+    for n in range(20):
+        await call.send_raw(call._factory.media(b"\xff" * 160, n * 20))  # noqa: SLF001
+    before = call.record.media_bytes
+    await call.send_dtmf("3")
+    assert await call.wait_until(lambda: call.record.media_bytes > before, 5), "DTMF read back"
+    assert session.twilio.ws.inline_messages == 0
+    await call.hangup()
+    assert await wait_for(lambda: not bridge.server.calls, 5)
+    samples = await bridge.metrics()
+    assert value(samples, "bridge_twilio_fast_path") == 0
+    assert value(samples, "bridge_twilio_frames_in_total") == 20
+    assert value(samples, "bridge_calls_total", outcome="caller_hangup") == 1
+    assert call.record.protocol_errors == []

@@ -454,6 +454,9 @@ class CartesiaPool:
                     pass
             if sock.ws is not None:
                 await _quiet_close(sock.ws)
+            if sock._closer is not None:  # an idle-rotation close still running
+                sock._closer.cancel()
+                sock._closer = None
         for waiter in self._waiters:
             self.metrics.admission_queue.dec()
             if not waiter.done():
