@@ -9,7 +9,6 @@ actually takes the inline path (so an aiohttp upgrade cannot silently drop it).
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import aiohttp
 import pytest
@@ -17,17 +16,12 @@ import websockets
 from aiohttp import WSMsgType, web
 
 from bridge.inline_ws import INLINE_RECEIVE, InlineWebSocketResponse
+from bridge.netutil import free_port
 from bridge.wsframe import frame_text
 from metrics.scrape import value
 
 from .conftest import BridgeFactory
 from .test_call_e2e import wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Harness:
@@ -67,7 +61,7 @@ class Harness:
         app.router.add_get("/ws", self.handler)
         self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self.runner.setup()
-        port = _free_port()
+        port = free_port()
         await web.TCPSite(self.runner, "127.0.0.1", port).start()
         self.url = f"ws://127.0.0.1:{port}/ws"
 
