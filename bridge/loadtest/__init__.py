@@ -9,7 +9,8 @@ Each call is a ``telephony.simulator.SimulatedCall`` (signed webhook, TwiML,
 signed upgrade, inbound media every 20 ms, an ear that plays at 8000 B/s,
 echoes marks, honours ``clear``), placed at ``i * ramp_s / calls`` and hung up
 (``stop``) ``duration_s`` after its stream started. Scenarios, driven by the
-built-in demo agent (or ``--agent-url``):
+built-in demo agent (or ``--agent-url``, or ``--agent-server``: our external
+agent process, ``agent_server``, with the same texts streamed word by word):
 
 * ``talk``: greeting, then DTMF 9 (a long passage) each time the line has
   been quiet for 1 s: the agent speaks nearly all the time;
@@ -30,7 +31,8 @@ Modules: ``options`` (what a run does), ``scenarios`` (what a caller does),
 ``runner`` (one run), ``processes`` (the bridge child process, CPU pinning,
 psutil), ``results`` (per-call figures), ``integrity`` (caller audio vs the
 emulator's), ``stats`` (distributions), ``report`` (JSON, and the definitions
-of every figure), ``html_report`` (the HTML page), ``cli``.
+of every figure), ``html_report`` (the HTML page), ``cli``, ``agent_server`` (the
+external agent).
 """
 
 from .cli import main

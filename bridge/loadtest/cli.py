@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emulator-args", default=DEFAULT_EMULATOR_ARGS,
                    help=f"flags for the local Cartesia emulator (default {DEFAULT_EMULATOR_ARGS!r})")
     p.add_argument("--agent-url", default=None, help="agent WebSocket URL (default: the built-in demo agent)")
+    p.add_argument("--agent-server", action="store_true",
+                   help="start our external agent (python -m bridge.loadtest.agent_server) as its own process, "
+                        "pinned with --load-cpus, and point the local bridge's AGENT_URL at it")
+    p.add_argument("--agent-server-args", default="", metavar="FLAGS",
+                   help="flags for that agent server (e.g. '--tokens-per-s 50')")
     p.add_argument("--report", default="out/loadtest", help="directory for report.json, report.html, bridge.log")
     p.add_argument("--timeout-s", type=float, default=None, help="hard limit of the run (default ramp+duration+60)")
     p.add_argument("--seed", type=int, default=1)
@@ -64,7 +69,8 @@ def options_from_args(ns: argparse.Namespace) -> Options:
                    target=ns.target, auth_token=ns.auth_token, public_url=ns.public_url,
                    emulator_args=ns.emulator_args, agent_url=ns.agent_url, report=ns.report,
                    timeout_s=ns.timeout_s, seed=ns.seed, bridge_env=env, progress=not ns.quiet,
-                   caller_procs=ns.caller_procs, bridge_cpus=ns.bridge_cpus, load_cpus=ns.load_cpus)
+                   caller_procs=ns.caller_procs, bridge_cpus=ns.bridge_cpus, load_cpus=ns.load_cpus,
+                   agent_server=ns.agent_server, agent_server_args=ns.agent_server_args)
 
 
 def main(argv: list[str] | None = None) -> int:

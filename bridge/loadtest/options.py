@@ -43,6 +43,11 @@ class Options:
     #: CPU sets ("0", "0,1", "2-3") for the bridge process and for this process (+ workers).
     bridge_cpus: str | None = None
     load_cpus: str | None = None
+    #: Start ``bridge.loadtest.agent_server`` as its own process (pinned with ``load_cpus``) and point the
+    #: bridge's ``AGENT_URL`` at it, instead of the bridge's built-in demo agent.
+    agent_server: bool = False
+    #: Flags for that server (e.g. ``"--tokens-per-s 50"``).
+    agent_server_args: str = ""
     #: Test hook: awaited with the LoadTest once all calls have started their ramp.
     during: Callable[[Any], Coroutine[Any, Any, None]] | None = None
 

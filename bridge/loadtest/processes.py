@@ -1,4 +1,5 @@
-"""The load test's processes: the bridge as a child, CPU pinning, psutil sampling, GC and loop set-up.
+"""The load test's processes: the bridge and the agent server as children, CPU pinning, psutil sampling,
+GC and loop set-up.
 
 The bridge runs as its own process (``media-bridge serve``) so its CPU and RSS
 are its own; capacity runs pin it and the load side to separate CPU sets
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psutil
@@ -109,6 +111,33 @@ class BridgeProcess(ChildProcess):
     async def wait_ready(self, http: aiohttp.ClientSession, limit_s: float = 20.0) -> None:
         """Until ``/readyz`` answers 200; RuntimeError when the bridge exits or ``limit_s`` passes."""
         await self.wait_http_ok(http, f"http://127.0.0.1:{self.port}/readyz", "bridge", limit_s)
+
+
+class AgentServerProcess(ChildProcess):
+    """The load tester's external agent (``bridge.loadtest.agent_server``) on 127.0.0.1:``port``."""
+
+    def __init__(self, port: int, args: Sequence[str], env: dict[str, str], log_path: Path,
+                 cpus: set[int] | None = None) -> None:
+        self.port = port
+        super().__init__(["bridge.loadtest.agent_server", "--host", "127.0.0.1", "--port", str(port), *args],
+                         env, log_path, cpus)
+
+    @property
+    def url(self) -> str:
+        """What the bridge's ``AGENT_URL`` is set to."""
+        return f"ws://127.0.0.1:{self.port}/agent"
+
+    async def wait_ready(self, http: aiohttp.ClientSession, limit_s: float = 20.0) -> None:
+        await self.wait_http_ok(http, f"http://127.0.0.1:{self.port}/healthz", "agent server", limit_s)
+
+    async def stats(self, http: aiohttp.ClientSession) -> dict[str, Any] | None:
+        """The server's counters (``GET /stats``); None when it does not answer."""
+        with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError):
+            async with http.get(f"http://127.0.0.1:{self.port}/stats", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                if r.status == 200:
+                    body = await r.json()
+                    return body if isinstance(body, dict) else None
+        return None
 
 
 def rss_mb(pid: int) -> float | None:

@@ -69,6 +69,11 @@ class RunFacts:
     timed_out: bool
     rss_before_mb: float | None
     emulator: dict[str, Any] | None
+    #: The agent the bridge used (None: its built-in demo agent).
+    agent_url: str | None = None
+    #: Our agent server process, when the run started one: pid, url, args, ``cpu_percent`` (one value
+    #: per sample) and its ``/stats`` counters.
+    agent: dict[str, Any] | None = None
 
 
 def integrity_summary(results: list[CallResult], index: AudioIndex | None) -> dict[str, Any]:
@@ -234,6 +239,18 @@ def _bridge_section(run: RunFacts) -> dict[str, Any]:
     }
 
 
+def _agent_section(agent: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The external agent process (None with the built-in agent or ``--agent-url``): its CPU and counters."""
+    if agent is None:
+        return None
+    cpu = [float(c) for c in agent.get("cpu_percent", [])]
+    return {"process": agent.get("process"), "pid": agent.get("pid"), "url": agent.get("url"),
+            "args": agent.get("args"),
+            "cpu_percent_mean": round_or_none(sum(cpu) / len(cpu) if cpu else None),
+            "cpu_percent_max": round_or_none(max(cpu) if cpu else None),
+            "stats": agent.get("stats")}
+
+
 def _per_call(r: CallResult) -> dict[str, Any]:
     return {"index": r.index, "call_sid": r.call_sid, "status": r.status, "reason": r.reason,
             "ttfa_ms": [round(v * 1000, 2) for _k, v in r.ttfa_s],
@@ -258,7 +275,7 @@ def build_report(run: RunFacts) -> dict[str, Any]:
         "config": {
             "calls": o.calls, "ramp_s": o.ramp_s, "duration_s": o.duration_s, "scenario": o.scenario,
             "target": o.target, "emulator_args": None if o.target else o.emulator_args,
-            "agent_url": o.agent_url, "signed": run.signed, "seed": o.seed,
+            "agent_url": run.agent_url, "signed": run.signed, "seed": o.seed,
             "timeout_s": o.run_timeout_s,
             "cpu_count": os.cpu_count(),
             "caller_procs": o.caller_procs, "bridge_cpus": o.bridge_cpus, "load_cpus": o.load_cpus,
@@ -273,6 +290,7 @@ def build_report(run: RunFacts) -> dict[str, Any]:
         # The emulator's own view: how late its scheduler sent chunks (0 = on time). Late chunks
         # here explain caller underruns that the bridge counts as tts_late gaps.
         "emulator": run.emulator,
+        "agent": _agent_section(run.agent),
         "loadtester": {"cpu_percent_mean": round_or_none(sum(tester) / len(tester) if tester else None),
                        "cpu_percent_max": round_or_none(max(tester) if tester else None),
                        "note": "the simulated callers + emulator share this process; near 100% means "

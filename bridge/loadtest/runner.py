@@ -33,7 +33,15 @@ from telephony.simulator import CallerClock, SimulatedCall
 
 from .integrity import AudioIndex
 from .options import GREETING, SCENARIOS, VOICE_ID, Options
-from .processes import BridgeProcess, CpuSampler, event_loop_factory, no_full_gc, parse_cpus, rss_mb
+from .processes import (
+    AgentServerProcess,
+    BridgeProcess,
+    CpuSampler,
+    event_loop_factory,
+    no_full_gc,
+    parse_cpus,
+    rss_mb,
+)
 from .report import RunFacts, build_report, log_summary, write_report
 from .results import CallResult, RecordedCall
 from .scenarios import run_scenario, sleep_until
@@ -61,6 +69,8 @@ class LoadTest:
             raise ValueError("need --calls >= 1, --duration-s > 0, --ramp-s >= 0")
         if opts.caller_procs < 1:
             raise ValueError("need --caller-procs >= 1")
+        if opts.agent_server and (opts.target or opts.agent_url):
+            raise ValueError("--agent-server starts a local agent for the local bridge: not with --target or --agent-url")
         self.bridge_cpus = parse_cpus(opts.bridge_cpus) if opts.bridge_cpus else None
         self.load_cpus = parse_cpus(opts.load_cpus) if opts.load_cpus else None
         self.opts = opts
@@ -68,6 +78,9 @@ class LoadTest:
         self.results = [CallResult(i) for i in range(opts.calls)]
         self.emulator: Emulator | None = None
         self.bridge: BridgeProcess | None = None
+        self.agent_server: AgentServerProcess | None = None
+        #: CPU % of the agent server process, one value per sample.
+        self.agent_cpu: list[float] = []
         self.base_url = ""
         self.public_url = ""
         self.auth_token = opts.auth_token
@@ -98,6 +111,18 @@ class LoadTest:
         self.emulator = Emulator(settings)
         return str(await self.emulator.start("127.0.0.1", 0))
 
+    async def _start_agent_server(self, http: aiohttp.ClientSession) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CARTESIA_", "AGENT_", "TWILIO_"))}
+        self.report_dir.mkdir(parents=True, exist_ok=True)
+        self.agent_server = AgentServerProcess(free_port(), shlex.split(self.opts.agent_server_args), env,
+                                               self.report_dir / "agent.log", self.load_cpus)
+        await self.agent_server.wait_ready(http)
+
+    @property
+    def agent_url(self) -> str | None:
+        """The agent the bridge uses: our agent server's, ``--agent-url``, or None (built-in)."""
+        return self.agent_server.url if self.agent_server else self.opts.agent_url
+
     async def _start_bridge(self, http: aiohttp.ClientSession, cartesia_url: str) -> None:
         port = free_port()
         self.base_url = self.public_url = f"http://127.0.0.1:{port}"
@@ -115,8 +140,8 @@ class LoadTest:
             "LOG_LEVEL": "INFO",
             "DRAIN_GRACE_S": "5",
         })
-        if self.opts.agent_url:
-            env["AGENT_URL"] = self.opts.agent_url
+        if self.agent_url:
+            env["AGENT_URL"] = self.agent_url
         env.update(self.opts.bridge_env)
         self.report_dir.mkdir(parents=True, exist_ok=True)
         self.bridge = BridgeProcess(port, env, self.report_dir / "bridge.log", self.bridge_cpus)
@@ -136,6 +161,7 @@ class LoadTest:
         bridge's RSS, active calls and forwarding p99 from ``/metrics``."""
         bridge_cpu = CpuSampler([self.bridge.pid]) if self.bridge else None
         load_cpu = CpuSampler([os.getpid(), *(w.process.pid for w in self._workers if w.process.pid)])
+        agent_cpu = CpuSampler([self.agent_server.pid]) if self.agent_server else None
         while True:
             await asyncio.sleep(self.opts.sample_interval_s)
             now = time.monotonic()
@@ -151,6 +177,8 @@ class LoadTest:
                 "bridge_active_calls": None,
                 "forwarding_delay_p99_ms": None,
             }
+            if agent_cpu and (cpu := agent_cpu.sample()) is not None:
+                self.agent_cpu.append(cpu)
             if self.bridge and bridge_cpu:
                 sample["bridge_cpu_percent"] = bridge_cpu.sample()
                 sample["bridge_rss_mb"] = rss_mb(self.bridge.pid)
@@ -311,6 +339,8 @@ class LoadTest:
                     self.public_url = (o.public_url or self.base_url).rstrip("/")
                 else:
                     emu_url = await self._start_emulator()
+                    if o.agent_server:
+                        await self._start_agent_server(http)
                     await self._start_bridge(http, emu_url)
                 if self.bridge is not None:
                     self.rss_before_mb = rss_mb(self.bridge.pid)
@@ -337,16 +367,22 @@ class LoadTest:
                 if o.progress and sys.stderr.isatty():
                     sys.stderr.write("\n")
                 await self._final_sample()
-                report = build_report(self._facts(started_wall))
+                agent_stats = await self.agent_server.stats(http) if self.agent_server else None
+                report = build_report(self._facts(started_wall, agent_stats))
             finally:
-                bridge_rc = None
+                bridge_rc = agent_rc = None
                 if self.bridge is not None:
                     bridge_rc = await self.bridge.stop()
+                if self.agent_server is not None:
+                    agent_rc = await self.agent_server.stop()
                 if self.emulator is not None:
                     await self.emulator.stop()
         report["bridge"]["exit_code"] = bridge_rc
         if self.bridge is not None:
             report["bridge"]["log"] = log_summary(self.bridge.log_path)
+        if report["agent"] is not None and self.agent_server is not None:
+            report["agent"]["exit_code"] = agent_rc
+            report["agent"]["log"] = log_summary(self.agent_server.log_path)
         write_report(report, self.report_dir)
         return report
 
@@ -354,8 +390,8 @@ class LoadTest:
         """Every emulator context's audio (None with ``--target``)."""
         return None if self.emulator is None else AudioIndex.from_records(self.emulator.records)
 
-    def _facts(self, started_wall: float) -> RunFacts:
-        emu = self.emulator
+    def _facts(self, started_wall: float, agent_stats: dict[str, Any] | None) -> RunFacts:
+        emu, agent = self.emulator, self.agent_server
         return RunFacts(
             opts=self.opts, results=self.results, samples=self.samples, metrics_text=self.metrics_text,
             index=self.audio_index(), bridge_pid=self.bridge.pid if self.bridge else None,
@@ -364,6 +400,10 @@ class LoadTest:
             emulator=None if emu is None else {
                 "chunks": emu.chunks_total, "chunk_lateness_ms": emu.lateness_ms(),
                 "first_chunk_lateness_ms": emu.lateness_ms(first_chunks=True)},
+            agent_url=self.agent_url,
+            agent=None if agent is None else {
+                "process": "bridge.loadtest.agent_server", "pid": agent.pid, "url": agent.url,
+                "args": self.opts.agent_server_args, "cpu_percent": self.agent_cpu, "stats": agent_stats},
         )
 
 
