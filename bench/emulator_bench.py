@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -34,15 +33,15 @@ import orjson
 import psutil
 
 from bridge.cartesia.emulator import DEFAULT_VOICE_ID
+from bridge.netutil import free_port
+from bridge.stats import percentile
 
 WORD = "emulate "  # 7 letters: 60 + 45*7 = 375 ms burst + 40 ms gap = 415 ms
 
 
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * (len(values) - 1) + 0.5))]
+def rounded(v: float | None, scale: float = 1.0, nd: int = 1) -> float | None:
+    """``v * scale`` rounded to ``nd`` places; None stays None (a percentile of nothing)."""
+    return None if v is None else round(v * scale, nd)
 
 
 async def run_context(
@@ -128,11 +127,11 @@ async def one_round(http: str, ws_url: str, n: int, sockets: int, audio_s: float
         "sockets": sockets,
         "audio_s_per_context": round(results[0]["audio_s"], 2),
         "errors": sum(r["error"] for r in results),
-        "achieved_rtf_p50": round(pct(rtfs, 0.5), 4),
-        "achieved_rtf_p99": round(pct(rtfs, 0.99), 4),
-        "ttfb_ms_p50": round(1000 * statistics.median(r["ttfb"] for r in results), 1),
-        "client_lateness_ms_p50": round(1000 * pct(late, 0.5), 1),
-        "client_lateness_ms_p99": round(1000 * pct(late, 0.99), 1),
+        "achieved_rtf_p50": rounded(percentile(rtfs, 0.5), nd=4),
+        "achieved_rtf_p99": rounded(percentile(rtfs, 0.99), nd=4),
+        "ttfb_ms_p50": rounded(percentile([r["ttfb"] for r in results], 0.5), scale=1000),
+        "client_lateness_ms_p50": rounded(percentile(late, 0.5), scale=1000),
+        "client_lateness_ms_p99": rounded(percentile(late, 0.99), scale=1000),
         "server_lateness_ms": stats["chunk_lateness_ms"],
         "emulator_cpu_pct": round(cpu, 1),
         "messages_per_s": round(counter[0] / wall),
@@ -148,7 +147,7 @@ def main() -> int:
     ap.add_argument("--audio-s", type=float, default=20.0, help="audio per context")
     ap.add_argument("--sockets", type=int, default=0, help="WebSockets (0 = one per 50 contexts, at least 2)")
     ap.add_argument("--ramp-s", type=float, default=1.0, help="spread context starts over this long")
-    ap.add_argument("--port", type=int, default=18765)
+    ap.add_argument("--port", type=int, default=0, help="emulator port (default: a free one)")
     ap.add_argument("--no-uvloop", action="store_true")
     args = ap.parse_args()
 
@@ -156,7 +155,8 @@ def main() -> int:
     emu_cpu = cpus[:1]
     client_cpus = cpus[1:] or cpus
     env = dict(os.environ)
-    cmd = [sys.executable, "-m", "bridge.cartesia.emulator.cli", "--port", str(args.port), "--rtf", str(args.rtf),
+    port = args.port or free_port()
+    cmd = [sys.executable, "-m", "bridge.cartesia.emulator.cli", "--port", str(port), "--rtf", str(args.rtf),
            "--chunk-ms", str(args.chunk_ms), "--record-contexts", "0", "--log-level", "WARNING",
            "--loop", "asyncio" if args.no_uvloop else "auto"]
 

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bridge.cartesia.emulator import DEFAULT_VOICE_ID, Emulator, EmulatorSettings, parse_faults  # noqa: E402
 from bridge.config import Config  # noqa: E402
-from bridge.demo import free_port  # noqa: E402
 from bridge.integrity import explain_heard  # noqa: E402
 from bridge.logs import configure_logging  # noqa: E402
+from bridge.netutil import free_port  # noqa: E402
 from bridge.server import BridgeServer  # noqa: E402
 from metrics.scrape import parse_samples, value  # noqa: E402
 from telephony.simulator import SimulatedCall  # noqa: E402

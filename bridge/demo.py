@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import socket
 import struct
 import time
 from pathlib import Path
@@ -22,16 +21,11 @@ import aiohttp
 from aiohttp import web
 
 from bridge.config import Config
+from bridge.netutil import free_port
 from bridge.server import BridgeServer, emulator_settings_from
 from metrics.scrape import parse_samples, summarize, value
 from telephony.media import MULAW_SILENCE
 from telephony.simulator import EarModel, SimulatedCall
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def mulaw_wav(audio: bytes, sample_rate: int = 8000) -> bytes:

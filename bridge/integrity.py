@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-FRAME_BYTES = 160
+from telephony.media import FRAME_BYTES
 
 
 def explain_heard(heard: bytes, chain: Sequence[tuple[bytes, Sequence[float]]]) -> bool:

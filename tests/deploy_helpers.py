@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
@@ -20,6 +19,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from bridge.netutil import free_port as free_port  # re-exported for test_deploy
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -293,12 +294,6 @@ def metric_label_names(metrics_obj: Any) -> dict[str, frozenset[str]]:
         if isinstance(value, MetricWrapperBase):
             out[value._name] = frozenset(value._labelnames)  # noqa: SLF001 - stable since 0.4
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def load_json(path: Path) -> Any:

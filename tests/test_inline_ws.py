@@ -9,13 +9,13 @@ actually takes the inline path (so an aiohttp upgrade cannot silently drop it).
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import aiohttp
 import pytest
 import websockets
 from aiohttp import WSMsgType, web
 
+from bridge.netutil import free_port
 from bridge.wsframe import frame_text
 from metrics.scrape import value
 from telephony.inline_ws import (
@@ -31,12 +31,6 @@ from telephony.inline_ws import (
 
 from .conftest import BridgeFactory
 from .test_call_e2e import wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Harness:
@@ -76,7 +70,7 @@ class Harness:
         app.router.add_get("/ws", self.handler)
         self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self.runner.setup()
-        port = _free_port()
+        port = free_port()
         await web.TCPSite(self.runner, "127.0.0.1", port).start()
         self.url = f"ws://127.0.0.1:{port}/ws"
 

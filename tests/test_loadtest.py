@@ -28,7 +28,7 @@ from bridge.loadtest import (
     main,
     split_utterances,
 )
-from bridge.report_html import render_html
+from bridge.loadtest.html_report import render_html
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -94,14 +94,14 @@ def test_integrity_check_fails_on_one_corrupted_byte_of_a_real_call(short_load: 
     res = next(r for r in lt.results if r.call is not None and len(r.call.record.received_audio) > 4000)
     rec = res.call.record
     clean = CallResult(res.index, triggers=res.triggers, call=res.call)
-    analyze_call(clean, lt._index())
+    analyze_call(clean, lt.audio_index())
     assert integrity_summary([clean], AudioIndex())["mismatches"] == 0
     assert all(s.status != "mismatch" for s in clean.spans)
 
     rec.received_audio[3000] ^= 0x01  # one bit of one byte, mid-utterance
     try:
         bad = CallResult(res.index, triggers=res.triggers, call=res.call)
-        analyze_call(bad, lt._index())
+        analyze_call(bad, lt.audio_index())
         summary = integrity_summary([bad], AudioIndex())
         assert summary["mismatches"] == 1, summary
         assert summary["mismatch_examples"][0]["start"] <= 3000 < summary["mismatch_examples"][0]["end"]
@@ -113,8 +113,13 @@ def test_underruns_counted_when_the_bridge_is_stalled(tmp_path: Path) -> None:
     stalled: dict[str, float] = {}
 
     async def stall(lt: LoadTest) -> None:
-        # All 4 calls are in the long passage (greeting ~3 s, then DTMF 9) by t0 + 4.5 s.
-        await asyncio.sleep(max(0.0, lt.t0 + 4.5 - time.monotonic()))
+        # Wait until all 4 calls hear the long passage (greeting ~3 s, then DTMF 9: a second audio
+        # start), then 0.5 s more so its playout is steady: on a busy machine a fixed instant could
+        # fall in the quiet gap between the turns, where a stall is no underrun.
+        deadline = lt.t0 + 9.0
+        while time.monotonic() < deadline and not all(len(r.live_ttfa) >= 2 for r in lt.results):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
         assert lt.bridge is not None
         os.kill(lt.bridge.pid, signal.SIGSTOP)
         stalled["at"] = time.monotonic()
@@ -123,7 +128,7 @@ def test_underruns_counted_when_the_bridge_is_stalled(tmp_path: Path) -> None:
         finally:
             os.kill(lt.bridge.pid, signal.SIGCONT)
 
-    _lt, report = _run(Options(calls=4, ramp_s=0.3, duration_s=7.0, scenario="talk", report=str(tmp_path),
+    _lt, report = _run(Options(calls=4, ramp_s=0.3, duration_s=8.0, scenario="talk", report=str(tmp_path),
                                progress=False, timeout_s=60, during=stall))
     assert "at" in stalled
     assert report["calls"]["completed"] == 4, report["calls"]
