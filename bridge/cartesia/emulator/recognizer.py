@@ -19,9 +19,9 @@ burst carries two numbers: its frequency and its length. Recognition:
    energy, 1.0 for a pure tone), and a burst that is not a clean tone
    (``MIN_TONALITY``) is skipped: noise, clicks, espeak speech.
 4. **Decode** the pending bursts jointly: one voice speaks at one speed, so the
-   (pitch offset, speed) that explains most bursts wins and picks each burst's word;
-   ties go to the voice and speed heard last on the stream, then to words rendered
-   in this process over built-in ones.
+   (pitch offset, speed) that explains most bursts (rendered words counting more than
+   built-in ones) wins and picks each burst's word; ties go to the voice and speed heard
+   last on the stream, then to the more recently rendered words, then to speed 1.
 
 The vocabulary is what the emulator's tone voices rendered (``Vocabulary.add_rendered``,
 raw tokens: punctuation changes the pitch, case does not) plus ``BUILTIN_WORDS``.
@@ -68,7 +68,8 @@ RAMP_MS: Final = 6
 MIN_BURST_MS: Final = 20
 #: A longer burst is cut here and analysed as it is (a tone word at speed 0.45 is < 3.5 s).
 MAX_BURST_MS: Final = 4000
-FREQ_TOLERANCE_HZ: Final = 1.0
+#: Tone frequencies are whole Hz; the zero-crossing estimate is within 0.03 Hz on clean audio.
+FREQ_TOLERANCE_HZ: Final = 0.25
 #: Goertzel power / burst energy below which a burst is not a tone (1.0 = pure tone).
 MIN_TONALITY: Final = 0.6
 #: Samples the Goertzel check looks at (the middle of the burst): bounds its cost.
@@ -113,12 +114,13 @@ today tomorrow yesterday appointment cancel speak operator problem help billing 
 """.split()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class _Entry:
     text: str  # normalised, what the transcript says
     ms: int  # tone_word_ms at speed 1
     offset: int
     rank: int
+    seq: int = 0  # when last rendered (higher = later); 0 for built-in words
 
 
 class Vocabulary:
@@ -130,8 +132,10 @@ class Vocabulary:
 
     def __init__(self, builtin: Iterable[str] = BUILTIN_WORDS, max_rendered: int = MAX_RENDERED_WORDS) -> None:
         self._by_freq: dict[int, list[_Entry]] = {}
-        self._rendered: OrderedDict[str, None] = OrderedDict()
+        #: token → where its entries sit in ``_by_freq`` (for refresh and eviction).
+        self._rendered: OrderedDict[str, list[tuple[int, _Entry]]] = OrderedDict()
         self._max_rendered = max_rendered
+        self._seq = 0
         self.builtin: list[str] = []
         seen: set[tuple[int, int]] = set()
         for word in builtin:
@@ -144,34 +148,44 @@ class Vocabulary:
             self.builtin.append(token)
             self._index(token, RANK_BUILTIN)
 
-    def _index(self, token: str, rank: int) -> None:
+    def _index(self, token: str, rank: int) -> list[tuple[int, _Entry]]:
         text, ms = normalize_word(token), tone_word_ms(token)
+        placed: list[tuple[int, _Entry]] = []
         for offset in VOICE_OFFSETS:
-            entries = self._by_freq.setdefault(tone_word_frequency(token, offset), [])
-            entry = _Entry(text, ms, offset, rank)
+            freq = tone_word_frequency(token, offset)
+            entries = self._by_freq.setdefault(freq, [])
+            entry = _Entry(text, ms, offset, rank, self._seq if rank == RANK_RENDERED else 0)
             if rank == RANK_RENDERED:
                 entries.insert(0, entry)  # the latest rendered first
             else:
                 entries.append(entry)
-
-    def _unindex(self, token: str) -> None:
-        text, ms = normalize_word(token), tone_word_ms(token)
-        for offset in VOICE_OFFSETS:
-            freq = tone_word_frequency(token, offset)
-            entries = self._by_freq.get(freq, [])
-            self._by_freq[freq] = [e for e in entries if not (e.rank == RANK_RENDERED and e.text == text and e.ms == ms
-                                                              and e.offset == offset)]
+            placed.append((freq, entry))
+        return placed
 
     def add_rendered(self, text: str) -> None:
-        """Record every whitespace-separated token of ``text`` a tone voice rendered."""
+        """Record every whitespace-separated token of ``text`` a tone voice rendered.
+
+        A token rendered again becomes the latest again: among identical-sounding rendered
+        words, the one rendered last is heard. Cheap when nothing changes (the TTS hot path).
+        """
+        rendered = self._rendered
         for token in text.lower().split():
-            if token in self._rendered:
+            self._seq += 1
+            placed = rendered.get(token)
+            if placed is not None:
+                rendered.move_to_end(token)
+                for freq, entry in placed:
+                    entry.seq = self._seq
+                    entries = self._by_freq[freq]
+                    if entries[0] is not entry:
+                        entries.remove(entry)
+                        entries.insert(0, entry)
                 continue
-            self._rendered[token] = None
-            self._index(token, RANK_RENDERED)
-            if len(self._rendered) > self._max_rendered:
-                old, _ = self._rendered.popitem(last=False)
-                self._unindex(old)
+            rendered[token] = self._index(token, RANK_RENDERED)
+            if len(rendered) > self._max_rendered:
+                _old, old_placed = rendered.popitem(last=False)
+                for freq, entry in old_placed:
+                    self._by_freq[freq].remove(entry)
 
     def rendered(self) -> list[str]:
         """Rendered tokens (lower-cased, punctuation kept), oldest first."""
@@ -266,6 +280,7 @@ class Candidate:
     speed_pct: float  # speed the burst's length implies for this word, percent
     rank: int  # RANK_RENDERED or RANK_BUILTIN
     tonality: float  # Goertzel power at the word's frequency, normalised
+    recency: int = 0  # render order of the word (higher = later; 0 = built-in)
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +335,7 @@ def analyse_burst(pcm: bytes, start: int, rate: int, vocabulary: Vocabulary) -> 
         if f not in tonality_at:
             tonality_at[f] = goertzel_tonality(middle, f, rate)
         if tonality_at[f] >= MIN_TONALITY:
-            candidates.append(Candidate(entry.text, entry.offset, speed, entry.rank, tonality_at[f]))
+            candidates.append(Candidate(entry.text, entry.offset, speed, entry.rank, tonality_at[f], entry.seq))
     return Burst(burst_start, burst_end, freq, tuple(candidates))
 
 
@@ -339,14 +354,16 @@ def decode(bursts: list[Burst], prior: tuple[int, float] | None = None) -> tuple
     if not hypotheses:
         return [], prior
 
-    def score(h: tuple[int, int]) -> tuple[float, int, float, int]:
-        total = 0.0
+    def score(h: tuple[int, int]) -> tuple[float, int, int, float, int]:
+        total, recency = 0.0, 0
         for b in bursts:
-            ranks = [c.rank for c in b.candidates if _agrees(c, h[0], h[1])]
-            if ranks:
-                total += 1.0 if min(ranks) == RANK_RENDERED else 0.9
+            agreeing = [c for c in b.candidates if _agrees(c, h[0], h[1])]
+            if agreeing:
+                total += 1.0 if min(c.rank for c in agreeing) == RANK_RENDERED else 0.9
+                recency += max(c.recency for c in agreeing)
         near_prior = int(prior is not None and prior[0] == h[0] and abs(prior[1] - h[1]) <= SPEED_TOLERANCE_PCT)
-        return (total, near_prior, -abs(h[1] - 100.0), -VOICE_OFFSETS.index(h[0]) if h[0] in VOICE_OFFSETS else -99)
+        voice_order = -VOICE_OFFSETS.index(h[0]) if h[0] in VOICE_OFFSETS else -99
+        return (total, near_prior, recency, -abs(h[1] - 100.0), voice_order)
 
     best = max(sorted(hypotheses), key=score)
     out: list[tuple[Burst, Candidate]] = []
@@ -355,7 +372,7 @@ def decode(bursts: list[Burst], prior: tuple[int, float] | None = None) -> tuple
             continue
         agreeing = [c for c in b.candidates if _agrees(c, best[0], best[1])]
         pool = agreeing or list(b.candidates)
-        out.append((b, min(pool, key=lambda c: (c.rank, abs(c.speed_pct - best[1]), -c.tonality))))
+        out.append((b, min(pool, key=lambda c: (c.rank, -c.recency, abs(c.speed_pct - best[1]), -c.tonality))))
     return out, (best[0], float(best[1]))
 
 
