@@ -343,37 +343,65 @@ def _agrees(c: Candidate, offset: int, speed: float) -> bool:
     return c.offset == offset and abs(c.speed_pct - speed) <= SPEED_TOLERANCE_PCT
 
 
+class SegmentDecoder:
+    """The bursts of one segment and, per (pitch offset, speed %) hypothesis, how well it
+    explains them, kept up to date as bursts arrive: adding a burst costs O(hypotheses +
+    new hypotheses × bursts), choosing O(hypotheses + bursts), not a rescan per word."""
+
+    def __init__(self) -> None:
+        self.bursts: list[Burst] = []
+        #: hypothesis → [explained bursts (rendered 1.0, built-in 0.9), summed recency]
+        self._scores: dict[tuple[int, int], list[float]] = {}
+
+    @staticmethod
+    def _contribute(burst: Burst, h: tuple[int, int], score: list[float]) -> None:
+        agreeing = [c for c in burst.candidates if _agrees(c, h[0], h[1])]
+        if agreeing:
+            score[0] += 1.0 if min(c.rank for c in agreeing) == RANK_RENDERED else 0.9
+            score[1] += max(c.recency for c in agreeing)
+
+    def add(self, burst: Burst) -> None:
+        for h, score in self._scores.items():
+            self._contribute(burst, h, score)
+        self.bursts.append(burst)
+        for c in burst.candidates:
+            h = (c.offset, round(c.speed_pct))
+            if h not in self._scores:
+                score = [0.0, 0.0]
+                for b in self.bursts:
+                    self._contribute(b, h, score)
+                self._scores[h] = score
+
+    def choose(self, prior: tuple[int, float] | None) -> tuple[list[tuple[Burst, Candidate]], tuple[int, float] | None]:
+        """Pick each burst's word under the hypothesis that explains most bursts; ties go to
+        ``prior`` (the stream's last voice and speed), then recency, then speed 1, then
+        catalogue order. A burst none of whose candidates agrees falls back to its own best."""
+        if not self._scores:
+            return [], prior
+
+        def key(item: tuple[tuple[int, int], list[float]]) -> tuple[float, int, float, float, int, tuple[int, int]]:
+            (offset, speed), (total, recency) = item
+            near_prior = int(prior is not None and prior[0] == offset and abs(prior[1] - speed) <= SPEED_TOLERANCE_PCT)
+            voice_order = -VOICE_OFFSETS.index(offset) if offset in VOICE_OFFSETS else -99
+            return (total, near_prior, recency, -abs(speed - 100.0), voice_order, (-offset, -speed))
+
+        best = max(self._scores.items(), key=key)[0]
+        out: list[tuple[Burst, Candidate]] = []
+        for b in self.bursts:
+            if not b.candidates:
+                continue
+            agreeing = [c for c in b.candidates if _agrees(c, best[0], best[1])]
+            pool = agreeing or list(b.candidates)
+            out.append((b, min(pool, key=lambda c: (c.rank, -c.recency, abs(c.speed_pct - best[1]), -c.tonality))))
+        return out, (best[0], float(best[1]))
+
+
 def decode(bursts: list[Burst], prior: tuple[int, float] | None = None) -> tuple[list[tuple[Burst, Candidate]], tuple[int, float] | None]:
-    """Pick each burst's word under the (offset, speed) that explains most bursts.
-
-    Returns the chosen (burst, candidate) pairs in order and the hypothesis used.
-    A burst no candidate of which agrees falls back to its own best candidate; a burst
-    without candidates is skipped.
-    """
-    hypotheses = {(c.offset, round(c.speed_pct)) for b in bursts for c in b.candidates}
-    if not hypotheses:
-        return [], prior
-
-    def score(h: tuple[int, int]) -> tuple[float, int, int, float, int]:
-        total, recency = 0.0, 0
-        for b in bursts:
-            agreeing = [c for c in b.candidates if _agrees(c, h[0], h[1])]
-            if agreeing:
-                total += 1.0 if min(c.rank for c in agreeing) == RANK_RENDERED else 0.9
-                recency += max(c.recency for c in agreeing)
-        near_prior = int(prior is not None and prior[0] == h[0] and abs(prior[1] - h[1]) <= SPEED_TOLERANCE_PCT)
-        voice_order = -VOICE_OFFSETS.index(h[0]) if h[0] in VOICE_OFFSETS else -99
-        return (total, near_prior, recency, -abs(h[1] - 100.0), voice_order)
-
-    best = max(sorted(hypotheses), key=score)
-    out: list[tuple[Burst, Candidate]] = []
+    """``SegmentDecoder`` over ``bursts`` at once: the chosen (burst, candidate) pairs and hypothesis."""
+    decoder = SegmentDecoder()
     for b in bursts:
-        if not b.candidates:
-            continue
-        agreeing = [c for c in b.candidates if _agrees(c, best[0], best[1])]
-        pool = agreeing or list(b.candidates)
-        out.append((b, min(pool, key=lambda c: (c.rank, -c.recency, abs(c.speed_pct - best[1]), -c.tonality))))
-    return out, (best[0], float(best[1]))
+        decoder.add(b)
+    return decoder.choose(prior)
 
 
 # --------------------------------------------------------------------------- streaming
@@ -385,7 +413,7 @@ class StreamingRecognizer:
     until ``commit``. No I/O; units: samples of the stream's ``rate``.
 
     Memory: the open burst (at most ``MAX_BURST_MS`` of samples), one pre-roll window,
-    and the pending bursts (at most ``max_pending`` — the caller commits beyond it).
+    and the pending bursts (the caller commits at ``max_pending``: ``SttSession`` does).
     """
 
     vocabulary: Vocabulary
@@ -394,7 +422,7 @@ class StreamingRecognizer:
     min_rms: int = DEFAULT_MIN_RMS
     max_pending: int = 500
     samples: int = 0  # stream samples consumed (whole windows)
-    pending: list[Burst] = field(default_factory=list)
+    decoder: SegmentDecoder = field(default_factory=SegmentDecoder)
     last_burst_end: int = 0
     prior: tuple[int, float] | None = None
     bursts_total: int = 0
@@ -472,7 +500,7 @@ class StreamingRecognizer:
         if not burst.candidates:
             self.skipped_total += 1
             return
-        self.pending.append(burst)
+        self.decoder.add(burst)
         closed.append(burst)
 
     def flush(self) -> list[Burst]:
@@ -488,16 +516,21 @@ class StreamingRecognizer:
             self._close_burst(closed)
         return closed
 
+    @property
+    def pending(self) -> list[Burst]:
+        """Bursts with candidates since the last ``commit``."""
+        return self.decoder.bursts
+
     def pending_words(self) -> list[RecognizedWord]:
-        chosen, _ = decode(self.pending, self.prior)
+        chosen, _ = self.decoder.choose(self.prior)
         return [RecognizedWord(c.text, b.start / self.rate, b.end / self.rate) for b, c in chosen]
 
     def commit(self) -> list[RecognizedWord]:
         """The pending words, decoded for good; the stream starts a new segment."""
-        chosen, hypothesis = decode(self.pending, self.prior)
+        chosen, hypothesis = self.decoder.choose(self.prior)
         if chosen:
             self.prior = hypothesis
-        self.pending = []
+        self.decoder = SegmentDecoder()
         return [RecognizedWord(c.text, b.start / self.rate, b.end / self.rate) for b, c in chosen]
 
 
