@@ -329,6 +329,18 @@ async def test_idle_timeout_is_reset_by_audio_only(emulator_factory: EmulatorFac
     assert emu.stt.active == 0
 
 
+async def test_emulator_stop_closes_open_stt_sockets() -> None:
+    emu = Emulator()
+    await emu.start()
+    ws, turns = await stt_connect(emu), await turns_connect(emu)
+    await ws.send(MULAW_SILENCE * FRAME)
+    await emu.stop()
+    for sock in (ws, turns):
+        await asyncio.wait_for(sock.wait_closed(), 5)
+        assert sock.close_code == 1001
+    assert emu.stt.active == 0
+
+
 # --------------------------------------------------------------------------- faults
 
 

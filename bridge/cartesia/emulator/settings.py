@@ -7,12 +7,28 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from .faults import FaultSettings
-from .stt import SttSettings
 
 #: sonic, sonic-2, sonic-turbo, sonic-3, sonic-3.5, sonic-latest, plus dated snapshots.
 MODEL_RE: Final = re.compile(r"^sonic(?:-2|-turbo|-3|-3\.5|-latest)?(?:-\d{4}-\d{2}-\d{2})?$")
 
 VOICE_BACKENDS: Final = ("tone", "espeak")
+
+
+@dataclass(slots=True)
+class SttSettings:
+    """The STT side of the emulator. ``faults`` None = the emulator's TTS ``faults``."""
+
+    #: Open STT sockets; more → HTTP 429 on the handshake (None = no limit).
+    max_concurrency: int | None = None
+    #: Seconds without audio before the socket is closed (Cartesia: 180).
+    idle_timeout_s: float = 180.0
+    faults: FaultSettings | None = None
+
+    def validate(self) -> None:
+        if self.idle_timeout_s <= 0:
+            raise ValueError("stt idle_timeout_s must be > 0")
+        if self.max_concurrency is not None and self.max_concurrency < 0:
+            raise ValueError("stt max_concurrency must be >= 0")
 
 
 def valid_model(model_id: str) -> bool:

@@ -45,8 +45,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import Any, Final
 
 import orjson
 from aiohttp import WSMsgType, web
@@ -75,10 +74,8 @@ from ..stt_protocol import (
 )
 from .faults import FAULT_HELP, FaultSettings, context_seed, hits, parse_faults
 from .recognizer import DEFAULT_MIN_RMS, RecognizedWord, StreamingRecognizer, Vocabulary
+from .settings import EmulatorSettings, SttSettings
 from .voices import Rendered, ToneSynth, Voice
-
-if TYPE_CHECKING:
-    from .settings import EmulatorSettings
 
 logger = logging.getLogger("bridge.cartesia.emulator.stt")
 
@@ -87,30 +84,11 @@ MAX_AUDIO_FRAME_BYTES: Final = 1 << 20
 #: Words per segment before the server finalizes by itself (bounds the pending bursts).
 MAX_SEGMENT_WORDS: Final = 500
 STATS_PATH: Final = "/emulator/stt/stats"
+#: /stt/turns/websocket: silence (ms, audio time) after the last word that ends a turn, capped
+#: by the client's ``turn_end_timeout_ms`` (a tone voice's end is certain: no end-of-turn model).
+TURN_END_SILENCE_MS: Final = 640.0
 
 Authorize = Callable[[web.Request, str], "web.Response | None"]
-
-
-@dataclass(slots=True)
-class SttSettings:
-    """The STT side of the emulator. ``faults`` None = the emulator's TTS ``faults``."""
-
-    #: Open STT sockets; more → HTTP 429 on the handshake (None = no limit).
-    max_concurrency: int | None = None
-    #: Seconds without audio before the socket is closed (Cartesia: 180).
-    idle_timeout_s: float = 180.0
-    #: /stt/turns/websocket: silence (ms) after the last word that ends a turn, capped by the
-    #: client's ``turn_end_timeout_ms`` (a tone voice's end is certain; no end-of-turn model).
-    turn_end_silence_ms: float = 640.0
-    faults: FaultSettings | None = None
-
-    def validate(self) -> None:
-        if self.idle_timeout_s <= 0:
-            raise ValueError("stt idle_timeout_s must be > 0")
-        if self.max_concurrency is not None and self.max_concurrency < 0:
-            raise ValueError("stt max_concurrency must be >= 0")
-        if self.turn_end_silence_ms < 0:
-            raise ValueError("stt turn_end_silence_ms must be >= 0")
 
 
 def add_stt_arguments(parser: argparse.ArgumentParser) -> None:
@@ -222,7 +200,7 @@ class SttSession:
 class SttTurnSession:
     """One ``/stt/turns/websocket`` socket (no I/O): ``connected``, then per turn
     ``turn.start`` (at its first recognised word), ``turn.update`` (cumulative text, each
-    new word), ``turn.end`` after ``end_silence_ms`` of silence (audio time). The preview
+    new word), ``turn.end`` after ``TURN_END_SILENCE_MS`` of silence (audio time). The preview
     events ``turn.eager_end``/``turn.resume`` are not sent. ``{"type":"close"}`` ends an
     open turn, then the socket closes; ``{"type":"config","turn":{...}}`` changes the timeout."""
 
@@ -294,23 +272,12 @@ class SttTurnSession:
         return SttTurnEvent("turn.end", " ".join(w.word for w in words), self.request_id)
 
 
-class _Session(Protocol):
-    params: SttParams
-    request_id: str
-    recognizer: StreamingRecognizer
-    finals: int
-    words_total: int
-
-    @property
-    def audio_s(self) -> float: ...
-    def opening(self) -> list[SttServerMessage]: ...
-    def on_audio(self, audio: bytes) -> list[SttServerMessage]: ...
-    def on_text(self, text: str) -> tuple[list[SttServerMessage], bool]: ...
-
-
 def _carries_text(msg: SttServerMessage) -> bool:
     """Transcripts and turn updates/ends: what ``delay-ms`` holds and ``close-after-chunks`` counts."""
     return isinstance(msg, SttTranscript) or (isinstance(msg, SttTurnEvent) and msg.kind in ("turn.update", "turn.end"))
+
+
+_Session = SttSession | SttTurnSession
 
 
 class _FaultySender:
@@ -393,7 +360,7 @@ class SttService:
             return denied
         try:
             params = parse_stt_params(request.query, request.query.getall("keyterm", []), turns=turns)
-            turn = parse_stt_turn_config(request.query)
+            turn = parse_stt_turn_config(request.query) if turns else SttTurnConfig()
         except SttProtocolError as exc:
             return _http_error(400, str(exc), "invalid_request", "Invalid request", version)
         self.handshakes += 1
@@ -417,7 +384,7 @@ class SttService:
             await ws.prepare(request)
             request_id = str(uuid.uuid4())
             session: _Session = (
-                SttTurnSession(params, turn, self.vocabulary, request_id, self.settings.turn_end_silence_ms)
+                SttTurnSession(params, turn, self.vocabulary, request_id, TURN_END_SILENCE_MS)
                 if turns else SttSession(params, self.vocabulary, request_id)
             )
             await self._serve(ws, session, key, faults)
