@@ -23,7 +23,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
-from bridge.cartesia.emulator.recognizer import StreamingRecognizer, Vocabulary
+from bridge.cartesia.emulator.recognizer import StreamingRecognizer
+from bridge.cartesia.emulator.vocabulary import Vocabulary
 from bridge.cartesia.emulator.voices import TONE_VOICES, ToneSynth, normalize_word
 from bridge.cartesia.protocol import OutputFormat
 

@@ -18,14 +18,9 @@ from websockets.asyncio.client import ClientConnection
 
 from bridge.cartesia.emulator import DEFAULT_VOICE_ID, TONE_VOICES, Emulator, FaultSettings
 from bridge.cartesia.emulator.cli import build_parser, settings_from_args
-from bridge.cartesia.emulator.recognizer import (
-    BUILTIN_WORDS,
-    StreamingRecognizer,
-    Vocabulary,
-    recognize,
-    to_linear16,
-)
+from bridge.cartesia.emulator.recognizer import StreamingRecognizer, recognize, to_linear16
 from bridge.cartesia.emulator.stt import SttSettings
+from bridge.cartesia.emulator.vocabulary import BUILTIN_WORDS, Vocabulary
 from bridge.cartesia.emulator.voices import ToneSynth, normalize_word, tone_word_ms
 from bridge.cartesia.protocol import OutputFormat
 from telephony.simulator import MAX_SAY_BYTES, SILENCE_FRAME, SimulatedCall, fetch_speech
