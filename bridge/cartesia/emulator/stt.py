@@ -73,9 +73,8 @@ from ..stt_protocol import (
     parse_stt_turns_client_text,
 )
 from .faults import FAULT_HELP, FaultSettings, context_seed, hits, parse_faults
-from .recognizer import DEFAULT_MIN_RMS, RecognizedWord, StreamingRecognizer
+from .recognizer import DEFAULT_MIN_RMS, RecognizedWord, StreamingRecognizer, Vocabulary
 from .settings import EmulatorSettings, SttSettings
-from .vocabulary import Vocabulary
 from .voices import Rendered, ToneSynth, Voice
 
 logger = logging.getLogger("bridge.cartesia.emulator.stt")
