@@ -18,14 +18,9 @@ from websockets.asyncio.client import ClientConnection
 
 from bridge.cartesia.emulator import DEFAULT_VOICE_ID, TONE_VOICES, Emulator, FaultSettings
 from bridge.cartesia.emulator.cli import build_parser, settings_from_args
-from bridge.cartesia.emulator.recognizer import (
-    BUILTIN_WORDS,
-    StreamingRecognizer,
-    Vocabulary,
-    recognize,
-    to_linear16,
-)
+from bridge.cartesia.emulator.recognizer import StreamingRecognizer, recognize, to_linear16
 from bridge.cartesia.emulator.stt import SttSettings
+from bridge.cartesia.emulator.vocabulary import BUILTIN_WORDS, Vocabulary
 from bridge.cartesia.emulator.voices import ToneSynth, normalize_word, tone_word_ms
 from bridge.cartesia.protocol import OutputFormat
 from telephony.simulator import MAX_SAY_BYTES, SILENCE_FRAME, SimulatedCall, fetch_speech
@@ -329,6 +324,18 @@ async def test_idle_timeout_is_reset_by_audio_only(emulator_factory: EmulatorFac
     assert emu.stt.active == 0
 
 
+async def test_emulator_stop_closes_open_stt_sockets() -> None:
+    emu = Emulator()
+    await emu.start()
+    ws, turns = await stt_connect(emu), await turns_connect(emu)
+    await ws.send(MULAW_SILENCE * FRAME)
+    await emu.stop()
+    for sock in (ws, turns):
+        await asyncio.wait_for(sock.wait_closed(), 5)
+        assert sock.close_code == 1001
+    assert emu.stt.active == 0
+
+
 # --------------------------------------------------------------------------- faults
 
 
@@ -488,3 +495,87 @@ async def test_caller_says_a_sentence_the_bridge_gets_it_in_order_and_stt_hears_
     assert finals(await until(ws, "flush_done"))[0]["text"] == normalized(sentence)
     await ws.close()
     await call.hangup()
+
+
+# --------------------------------------------------------------------------- /stt/turns/websocket (ink-2)
+
+TURNS = "model=ink-2&encoding=pcm_mulaw&sample_rate=8000"
+
+
+async def turns_connect(emu: Emulator, query: str = TURNS) -> ClientConnection:
+    assert emu.url is not None
+    return await websockets.connect(f"{emu.url}/stt/turns/websocket?{query}", max_size=None)
+
+
+async def test_turns_socket_start_update_end_config_and_close(emulator_factory: EmulatorFactory) -> None:
+    emu = await emulator_factory()
+    first, second = "Hello, I need help", "with my bill please"
+    ws = await turns_connect(emu, TURNS + "&turn_end_timeout_ms=2000")
+    assert json.loads(await asyncio.wait_for(ws.recv(), 2))["type"] == "connected"
+    await stream(ws, await tts_bytes(emu, first) + MULAW_SILENCE * 400)  # 50 ms pause: same turn
+    await stream(ws, await tts_bytes(emu, second) + MULAW_SILENCE * 8000)  # 1 s: the turn ends
+    got = await until(ws, "turn.end")
+    kinds = [m["type"] for m in got]
+    assert kinds[0] == "turn.start" and kinds.count("turn.start") == 1 and kinds[-1] == "turn.end"
+    updates = [m["transcript"] for m in got if m["type"] == "turn.update"]
+    assert updates[0] == "hello" and updates[-1] == normalized(first + " " + second)  # cumulative
+    assert got[-1]["transcript"] == normalized(first + " " + second)
+    # A config command is accepted silently; a bad one is an error and the socket carries on.
+    await ws.send(json.dumps({"type": "config", "turn": {"end_timeout_ms": 700}}))
+    await ws.send(json.dumps({"type": "config", "turn": {"end_timeout_ms": 50}}))
+    err = json.loads(await asyncio.wait_for(ws.recv(), 2))
+    assert err["type"] == "error" and "end_timeout_ms" in err["message"]
+    await ws.send("finalize")  # not a command of this endpoint
+    assert json.loads(await asyncio.wait_for(ws.recv(), 2))["type"] == "error"
+    await stream(ws, await tts_bytes(emu, "thank you"))
+    await ws.send(json.dumps({"type": "close"}))  # ends the open turn, then closes
+    got = await until(ws, "turn.end")
+    assert got[-1]["transcript"] == "thank you"
+    await asyncio.wait_for(ws.wait_closed(), 2)
+    assert ws.close_code == 1000 and emu.stt.active == 0
+    with pytest.raises(websockets.InvalidStatus) as info:
+        await turns_connect(emu, "model=ink-whisper&encoding=pcm_mulaw&sample_rate=8000")
+    assert info.value.response.status_code == 400
+
+
+async def test_official_sdk_auto_finalize_turns(emulator_factory: EmulatorFactory) -> None:
+    emu = await emulator_factory(api_key="sk-sdk")
+    sentence = "Can you call me back tomorrow"
+    audio = await tts_bytes(emu, sentence, TONE_VOICES[2].id, api_key="sk-sdk") + MULAW_SILENCE * 8000
+    client = AsyncCartesia(api_key="sk-sdk", websocket_base_url=emu.url, base_url=emu.http_url)
+    types: list[str] = []
+    async with client.stt.auto_finalize.websocket(encoding="pcm_mulaw", model="ink-2", sample_rate=8000,
+                                                  turn_end_timeout_ms=1000) as conn:
+        for pos in range(0, len(audio), FRAME):
+            await conn.send_raw(audio[pos : pos + FRAME])
+        async for event in conn:
+            types.append(event.type)
+            if event.type == "turn.end":
+                assert event.transcript == normalized(sentence)
+                await conn.send({"type": "close"})
+    await client.close()
+    assert types[:2] == ["connected", "turn.start"] and types[-1] == "turn.end" and "turn.update" in types
+
+
+def test_turn_codec_additions() -> None:
+    from bridge.cartesia.stt_protocol import (
+        CLOSE,
+        SttProtocolError,
+        SttTurnConfig,
+        parse_stt_turn_config,
+        parse_stt_turns_client_text,
+    )
+
+    assert parse_stt_turn_config({"turn_end_timeout_ms": "800", "turn_end_threshold": "0.1"}) == SttTurnConfig(
+        end_threshold=0.1, end_timeout_ms=800.0)
+    assert parse_stt_turns_client_text('{"type": "close"}') == CLOSE
+    assert parse_stt_turns_client_text('{"type":"config","turn":{"eager_end_threshold":0.5}}') == SttTurnConfig(
+        eager_end_threshold=0.5)
+    for bad, field_name in (('{"type":"config","turn":{"end_timeout_ms":true}}', "end_timeout_ms"),
+                            ('{"type":"config","turn":[]}', "turn"), ('{"type":"flush"}', "type"),
+                            ("close", "command")):
+        with pytest.raises(SttProtocolError) as info:
+            parse_stt_turns_client_text(bad)
+        assert info.value.field == field_name
+    with pytest.raises(SttProtocolError, match="out of range"):
+        parse_stt_turn_config({"turn_start_threshold": "1.5"})

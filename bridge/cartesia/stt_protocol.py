@@ -294,6 +294,61 @@ def encode_stt_server_message(msg: SttServerMessage) -> str:
 # --------------------------------------------------------------------------- client → server
 
 
+@dataclass(frozen=True, slots=True)
+class SttTurnConfig:
+    """Turn detection settings of ``/stt/turns/websocket`` (query ``turn_*`` or a ``config`` command)."""
+
+    start_threshold: float | None = None  # default 0.8
+    eager_end_threshold: float | None = None  # default 0.4, 0.3-0.6
+    end_threshold: float | None = None  # default 0.2, 0.05-0.5
+    end_timeout_ms: float | None = None  # default 5600, 640-11200
+
+
+def parse_stt_turn_config(values: Mapping[str, Any], prefix: str = "turn_") -> SttTurnConfig:
+    """Turn settings from a query (``turn_end_timeout_ms``…) or a ``config`` command's ``turn``
+    object (``prefix=""``: ``end_timeout_ms``…); ranges as Cartesia documents them."""
+
+    def get(name: str, lo: float, hi: float) -> float | None:
+        key = prefix + name
+        raw = values.get(key)
+        if raw is None:
+            return None
+        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+            raise SttProtocolError(f"{key} must be a number", key)
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SttProtocolError(f"{key} must be a number, not {raw!r}", key) from None
+        if not lo <= value <= hi:
+            raise SttProtocolError(f"{key} {value} is out of range {lo}-{hi}", key)
+        return value
+
+    return SttTurnConfig(
+        start_threshold=get("start_threshold", 0.0, 1.0),
+        eager_end_threshold=get("eager_end_threshold", 0.3, 0.6),
+        end_threshold=get("end_threshold", 0.05, 0.5),
+        end_timeout_ms=get("end_timeout_ms", 640.0, 11200.0),
+    )
+
+
+def parse_stt_turns_client_text(text: str) -> str | SttTurnConfig:
+    """A TEXT frame of ``/stt/turns/websocket``: JSON ``{"type":"close"}`` → ``CLOSE``,
+    ``{"type":"config","turn":{...}}`` → ``SttTurnConfig``; anything else is an error."""
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise SttProtocolError(f"not JSON: {text[:40]!r} (expected a close or config command)", "command") from None
+    kind = obj.get("type") if isinstance(obj, dict) else None
+    if kind == CLOSE:
+        return CLOSE
+    if kind == "config":
+        turn = obj.get("turn", {})
+        if not isinstance(turn, dict):
+            raise SttProtocolError("config.turn must be an object", "turn")
+        return parse_stt_turn_config(turn, prefix="")
+    raise SttProtocolError(f"unknown command type {kind!r} (expected 'close' or 'config')", "type")
+
+
 def parse_stt_client_text(text: str) -> str:
     """A client TEXT frame: ``finalize`` or ``close`` (surrounding whitespace and a JSON
     string form such as ``"finalize"`` tolerated); anything else is an error."""

@@ -19,13 +19,13 @@ burst carries two numbers: its frequency and its length. Recognition:
    energy, 1.0 for a pure tone), and a burst that is not a clean tone
    (``MIN_TONALITY``) is skipped: noise, clicks, espeak speech.
 4. **Decode** the pending bursts jointly: one voice speaks at one speed, so the
-   (pitch offset, speed) that explains most bursts wins and picks each burst's word;
-   ties go to the voice and speed heard last on the stream, then to words rendered
-   in this process over built-in ones.
+   (pitch offset, speed) that explains most bursts (rendered words counting more than
+   built-in ones) wins and picks each burst's word; ties go to the voice and speed heard
+   last on the stream, then to the more recently rendered words, then to speed 1.
 
-The vocabulary is what the emulator's tone voices rendered (``Vocabulary.add_rendered``,
-raw tokens: punctuation changes the pitch, case does not) plus ``BUILTIN_WORDS``.
-Words come out normalised as the TTS normalises timestamps (``normalize_word``).
+The vocabulary (``vocabulary.Vocabulary``) is what the emulator's tone voices rendered
+(raw tokens: punctuation changes the pitch, case does not) plus built-in common words.
+Words come out normalised as the TTS normalises timestamps (``voices.normalize_word``).
 
 Limits: only tone voices are heard (espeak and real speech are skipped or, rarely,
 misheard as a vocabulary word); two words with the same letter count and the same
@@ -41,9 +41,6 @@ import math
 import struct
 import sys
 import warnings
-import zlib
-from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -51,11 +48,9 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
-from .voices import TONE_VOICES, normalize_word, tone_word_frequency, tone_word_ms
+from .vocabulary import RANK_RENDERED, VOICE_OFFSETS, Vocabulary
 
 _LITTLE: Final = sys.byteorder == "little"
-#: Pitch offsets (Hz) of the tone voices, in catalogue order (the tie-break order).
-VOICE_OFFSETS: Final = tuple(int(v.param) for v in TONE_VOICES)
 WINDOW_MS: Final = 5
 #: Quiet windows that end a burst (the gap between words is 40 ms).
 END_QUIET_WINDOWS: Final = 2
@@ -68,7 +63,8 @@ RAMP_MS: Final = 6
 MIN_BURST_MS: Final = 20
 #: A longer burst is cut here and analysed as it is (a tone word at speed 0.45 is < 3.5 s).
 MAX_BURST_MS: Final = 4000
-FREQ_TOLERANCE_HZ: Final = 1.0
+#: Tone frequencies are whole Hz; the zero-crossing estimate is within 0.03 Hz on clean audio.
+FREQ_TOLERANCE_HZ: Final = 0.25
 #: Goertzel power / burst energy below which a burst is not a tone (1.0 = pure tone).
 MIN_TONALITY: Final = 0.6
 #: Samples the Goertzel check looks at (the middle of the burst): bounds its cost.
@@ -76,115 +72,6 @@ GOERTZEL_MAX_SAMPLES: Final = 1024
 SPEED_RANGE_PCT: Final = (40.0, 210.0)
 #: Two bursts agree on speed when their implied speeds are this close (percent points).
 SPEED_TOLERANCE_PCT: Final = 1.5
-#: Rendered words remembered (oldest forgotten first).
-MAX_RENDERED_WORDS: Final = 50_000
-RANK_RENDERED: Final = 0
-RANK_BUILTIN: Final = 1
-
-#: Common English words, most common first (our own list; collisions pruned at load).
-BUILTIN_WORDS: Final = """
-the of and to a in is it you that he was for on are with as i his they be at one have this from or had
-by hot but some what there we can out other were all your when up use word how said an each she which
-do their time if will way about many then them would write like so these her long make thing see him two
-has look more day could go come did my sound no most number who over know water than call first people
-may down side been now find any new work part take get place made live where after back little only round
-man year came show every good me give our under name very through just form much great think say help low
-line before turn cause same mean differ move right boy old too does tell sentence set three want air well
-also play small end put home read hand port large spell add even land here must big high such follow act
-why ask men change went light kind off need house picture try us again animal point mother world near build
-self earth father head stand own page should country found answer school grow study still learn plant cover
-food sun four thought let keep eye never last door between city tree cross since hard start might story saw
-far sea draw left late run while press close night real life few stop open seem together next white children
-begin got walk example ease paper often always music those both mark book letter until mile river car feet
-care second group carry took rain eat room friend began idea fish mountain north once base hear horse cut
-sure watch color face wood main enough plain girl usual young ready above ever red list though feel talk
-bird soon body dog family direct pose leave song measure state product black short numeral class wind
-question happen complete ship area half rock order fire south problem piece told knew pass farm top whole
-king size heard best hour better true during hundred am remember step early hold west ground interest reach
-fast five sing listen six table travel less morning ten simple several vowel toward war lay against pattern
-slow center love person money serve appear road map science rule govern pull cold notice voice fall power
-town fine certain fly unit lead cry dark machine note wait plan figure star box noun field rest correct able
-pound done beauty drive stood contain front teach week final gave green oh quick develop sleep warm free
-minute strong special mind behind clear tail produce fact street inch lot nothing course stay wheel full
-force blue object decide surface deep moon island foot yet busy test record boat common gold possible plane
-age dry wonder laugh thousand ago ran check game shape yes cool miss brought heat snow bed bring sit perhaps
-fill east weight language among hello thanks thank please sorry okay account order pay bill phone call agent
-today tomorrow yesterday appointment cancel speak operator problem help billing address email number
-""".split()
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    text: str  # normalised, what the transcript says
-    ms: int  # tone_word_ms at speed 1
-    offset: int
-    rank: int
-
-
-class Vocabulary:
-    """Words the recogniser can hear: rendered tokens (bounded, LRU) plus ``BUILTIN_WORDS``.
-
-    Indexed by tone frequency (Hz, integer) for every tone voice offset. Adding a
-    rendered token is O(voices); ``MAX_RENDERED_WORDS`` bounds it (oldest evicted).
-    """
-
-    def __init__(self, builtin: Iterable[str] = BUILTIN_WORDS, max_rendered: int = MAX_RENDERED_WORDS) -> None:
-        self._by_freq: dict[int, list[_Entry]] = {}
-        self._rendered: OrderedDict[str, None] = OrderedDict()
-        self._max_rendered = max_rendered
-        self.builtin: list[str] = []
-        seen: set[tuple[int, int]] = set()
-        for word in builtin:
-            token = word.lower()
-            # Same letter count and same crc32 % 400: identical audio; the commoner word wins.
-            key = (tone_word_ms(token), zlib.crc32(token.encode("utf-8")) % 400)
-            if key in seen:
-                continue
-            seen.add(key)
-            self.builtin.append(token)
-            self._index(token, RANK_BUILTIN)
-
-    def _index(self, token: str, rank: int) -> None:
-        text, ms = normalize_word(token), tone_word_ms(token)
-        for offset in VOICE_OFFSETS:
-            entries = self._by_freq.setdefault(tone_word_frequency(token, offset), [])
-            entry = _Entry(text, ms, offset, rank)
-            if rank == RANK_RENDERED:
-                entries.insert(0, entry)  # the latest rendered first
-            else:
-                entries.append(entry)
-
-    def _unindex(self, token: str) -> None:
-        text, ms = normalize_word(token), tone_word_ms(token)
-        for offset in VOICE_OFFSETS:
-            freq = tone_word_frequency(token, offset)
-            entries = self._by_freq.get(freq, [])
-            self._by_freq[freq] = [e for e in entries if not (e.rank == RANK_RENDERED and e.text == text and e.ms == ms
-                                                              and e.offset == offset)]
-
-    def add_rendered(self, text: str) -> None:
-        """Record every whitespace-separated token of ``text`` a tone voice rendered."""
-        for token in text.lower().split():
-            if token in self._rendered:
-                continue
-            self._rendered[token] = None
-            self._index(token, RANK_RENDERED)
-            if len(self._rendered) > self._max_rendered:
-                old, _ = self._rendered.popitem(last=False)
-                self._unindex(old)
-
-    def rendered(self) -> list[str]:
-        """Rendered tokens (lower-cased, punctuation kept), oldest first."""
-        return list(self._rendered)
-
-    def near(self, freq: float, tolerance: float = FREQ_TOLERANCE_HZ) -> list[tuple[int, _Entry]]:
-        out: list[tuple[int, _Entry]] = []
-        for f in range(math.floor(freq - tolerance), math.ceil(freq + tolerance) + 1):
-            if abs(f - freq) <= tolerance:
-                out.extend((f, e) for e in self._by_freq.get(f, ()))
-        return out
-
-
 # --------------------------------------------------------------------------- audio
 
 
@@ -264,8 +151,9 @@ class Candidate:
     text: str
     offset: int  # the voice's pitch offset, Hz
     speed_pct: float  # speed the burst's length implies for this word, percent
-    rank: int  # RANK_RENDERED or RANK_BUILTIN
+    rank: int  # vocabulary.RANK_RENDERED or RANK_BUILTIN
     tonality: float  # Goertzel power at the word's frequency, normalised
+    recency: int = 0  # render order of the word (higher = later; 0 = built-in)
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,14 +201,14 @@ def analyse_burst(pcm: bytes, start: int, rate: int, vocabulary: Vocabulary) -> 
     candidates: list[Candidate] = []
     tonality_at: dict[int, float] = {}
     lo_speed, hi_speed = SPEED_RANGE_PCT
-    for f, entry in vocabulary.near(freq):
+    for f, entry in vocabulary.near(freq, FREQ_TOLERANCE_HZ):
         speed = entry.ms * rate * 100.0 / (1000.0 * length)
         if not lo_speed <= speed <= hi_speed:
             continue
         if f not in tonality_at:
             tonality_at[f] = goertzel_tonality(middle, f, rate)
         if tonality_at[f] >= MIN_TONALITY:
-            candidates.append(Candidate(entry.text, entry.offset, speed, entry.rank, tonality_at[f]))
+            candidates.append(Candidate(entry.text, entry.offset, speed, entry.rank, tonality_at[f], entry.seq))
     return Burst(burst_start, burst_end, freq, tuple(candidates))
 
 
@@ -328,35 +216,65 @@ def _agrees(c: Candidate, offset: int, speed: float) -> bool:
     return c.offset == offset and abs(c.speed_pct - speed) <= SPEED_TOLERANCE_PCT
 
 
+class SegmentDecoder:
+    """The bursts of one segment and, per (pitch offset, speed %) hypothesis, how well it
+    explains them, kept up to date as bursts arrive: adding a burst costs O(hypotheses +
+    new hypotheses × bursts), choosing O(hypotheses + bursts), not a rescan per word."""
+
+    def __init__(self) -> None:
+        self.bursts: list[Burst] = []
+        #: hypothesis → [explained bursts (rendered 1.0, built-in 0.9), summed recency]
+        self._scores: dict[tuple[int, int], list[float]] = {}
+
+    @staticmethod
+    def _contribute(burst: Burst, h: tuple[int, int], score: list[float]) -> None:
+        agreeing = [c for c in burst.candidates if _agrees(c, h[0], h[1])]
+        if agreeing:
+            score[0] += 1.0 if min(c.rank for c in agreeing) == RANK_RENDERED else 0.9
+            score[1] += max(c.recency for c in agreeing)
+
+    def add(self, burst: Burst) -> None:
+        for h, score in self._scores.items():
+            self._contribute(burst, h, score)
+        self.bursts.append(burst)
+        for c in burst.candidates:
+            h = (c.offset, round(c.speed_pct))
+            if h not in self._scores:
+                score = [0.0, 0.0]
+                for b in self.bursts:
+                    self._contribute(b, h, score)
+                self._scores[h] = score
+
+    def choose(self, prior: tuple[int, float] | None) -> tuple[list[tuple[Burst, Candidate]], tuple[int, float] | None]:
+        """Pick each burst's word under the hypothesis that explains most bursts; ties go to
+        ``prior`` (the stream's last voice and speed), then recency, then speed 1, then
+        catalogue order. A burst none of whose candidates agrees falls back to its own best."""
+        if not self._scores:
+            return [], prior
+
+        def key(item: tuple[tuple[int, int], list[float]]) -> tuple[float, int, float, float, int, tuple[int, int]]:
+            (offset, speed), (total, recency) = item
+            near_prior = int(prior is not None and prior[0] == offset and abs(prior[1] - speed) <= SPEED_TOLERANCE_PCT)
+            voice_order = -VOICE_OFFSETS.index(offset) if offset in VOICE_OFFSETS else -99
+            return (total, near_prior, recency, -abs(speed - 100.0), voice_order, (-offset, -speed))
+
+        best = max(self._scores.items(), key=key)[0]
+        out: list[tuple[Burst, Candidate]] = []
+        for b in self.bursts:
+            if not b.candidates:
+                continue
+            agreeing = [c for c in b.candidates if _agrees(c, best[0], best[1])]
+            pool = agreeing or list(b.candidates)
+            out.append((b, min(pool, key=lambda c: (c.rank, -c.recency, abs(c.speed_pct - best[1]), -c.tonality))))
+        return out, (best[0], float(best[1]))
+
+
 def decode(bursts: list[Burst], prior: tuple[int, float] | None = None) -> tuple[list[tuple[Burst, Candidate]], tuple[int, float] | None]:
-    """Pick each burst's word under the (offset, speed) that explains most bursts.
-
-    Returns the chosen (burst, candidate) pairs in order and the hypothesis used.
-    A burst no candidate of which agrees falls back to its own best candidate; a burst
-    without candidates is skipped.
-    """
-    hypotheses = {(c.offset, round(c.speed_pct)) for b in bursts for c in b.candidates}
-    if not hypotheses:
-        return [], prior
-
-    def score(h: tuple[int, int]) -> tuple[float, int, float, int]:
-        total = 0.0
-        for b in bursts:
-            ranks = [c.rank for c in b.candidates if _agrees(c, h[0], h[1])]
-            if ranks:
-                total += 1.0 if min(ranks) == RANK_RENDERED else 0.9
-        near_prior = int(prior is not None and prior[0] == h[0] and abs(prior[1] - h[1]) <= SPEED_TOLERANCE_PCT)
-        return (total, near_prior, -abs(h[1] - 100.0), -VOICE_OFFSETS.index(h[0]) if h[0] in VOICE_OFFSETS else -99)
-
-    best = max(sorted(hypotheses), key=score)
-    out: list[tuple[Burst, Candidate]] = []
+    """``SegmentDecoder`` over ``bursts`` at once: the chosen (burst, candidate) pairs and hypothesis."""
+    decoder = SegmentDecoder()
     for b in bursts:
-        if not b.candidates:
-            continue
-        agreeing = [c for c in b.candidates if _agrees(c, best[0], best[1])]
-        pool = agreeing or list(b.candidates)
-        out.append((b, min(pool, key=lambda c: (c.rank, abs(c.speed_pct - best[1]), -c.tonality))))
-    return out, (best[0], float(best[1]))
+        decoder.add(b)
+    return decoder.choose(prior)
 
 
 # --------------------------------------------------------------------------- streaming
@@ -368,7 +286,7 @@ class StreamingRecognizer:
     until ``commit``. No I/O; units: samples of the stream's ``rate``.
 
     Memory: the open burst (at most ``MAX_BURST_MS`` of samples), one pre-roll window,
-    and the pending bursts (at most ``max_pending`` — the caller commits beyond it).
+    and the pending bursts (the caller commits at ``max_pending``: ``SttSession`` does).
     """
 
     vocabulary: Vocabulary
@@ -377,7 +295,7 @@ class StreamingRecognizer:
     min_rms: int = DEFAULT_MIN_RMS
     max_pending: int = 500
     samples: int = 0  # stream samples consumed (whole windows)
-    pending: list[Burst] = field(default_factory=list)
+    decoder: SegmentDecoder = field(default_factory=SegmentDecoder)
     last_burst_end: int = 0
     prior: tuple[int, float] | None = None
     bursts_total: int = 0
@@ -455,7 +373,7 @@ class StreamingRecognizer:
         if not burst.candidates:
             self.skipped_total += 1
             return
-        self.pending.append(burst)
+        self.decoder.add(burst)
         closed.append(burst)
 
     def flush(self) -> list[Burst]:
@@ -471,16 +389,21 @@ class StreamingRecognizer:
             self._close_burst(closed)
         return closed
 
+    @property
+    def pending(self) -> list[Burst]:
+        """Bursts with candidates since the last ``commit``."""
+        return self.decoder.bursts
+
     def pending_words(self) -> list[RecognizedWord]:
-        chosen, _ = decode(self.pending, self.prior)
+        chosen, _ = self.decoder.choose(self.prior)
         return [RecognizedWord(c.text, b.start / self.rate, b.end / self.rate) for b, c in chosen]
 
     def commit(self) -> list[RecognizedWord]:
         """The pending words, decoded for good; the stream starts a new segment."""
-        chosen, hypothesis = decode(self.pending, self.prior)
+        chosen, hypothesis = self.decoder.choose(self.prior)
         if chosen:
             self.prior = hypothesis
-        self.pending = []
+        self.decoder = SegmentDecoder()
         return [RecognizedWord(c.text, b.start / self.rate, b.end / self.rate) for b, c in chosen]
 
 

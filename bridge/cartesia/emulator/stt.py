@@ -20,6 +20,9 @@ Wire protocol as Cartesia's (codec: ``bridge.cartesia.stt_protocol``):
   silence (audio time) following speech (ink-whisper endpointing; no ``flush_done``).
 * Idle: no audio for ``SttSettings.idle_timeout_s`` (Cartesia: 3 minutes) → close 1000
   ``connection idle timeout``.
+* ``GET /stt/turns/websocket`` (``ink-2``, automatic turns): ``connected``, then
+  ``turn.start`` / ``turn.update`` / ``turn.end`` (see ``SttTurnSession``); commands are
+  JSON ``{"type":"close"}`` and ``{"type":"config","turn":{...}}``.
 
 Only the emulator's tone voices are recognised (``recognizer``); the vocabulary is
 what they rendered in this emulator (``RecordingToneSynth``) plus built-in words.
@@ -29,7 +32,8 @@ socket's key ``stt-<n>`` (n-th handshake) under the emulator's seed:
 ``close-after-chunks=N`` closes the socket (1011) after its N-th transcript;
 ``reject-429=P`` answers a fraction P of handshakes HTTP 429; ``no-done=P``: a fraction
 P of sockets never get ``flush_done`` nor ``done``; ``delay-ms=MS[:P]`` holds a fraction
-P of transcripts MS ms (order kept: later messages wait behind it).
+P of transcripts MS ms (order kept: later messages wait behind it). On the turns socket
+``turn.update``/``turn.end`` count as transcripts and ``no-done`` has nothing to drop.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from ..protocol import DEFAULT_VERSION, OutputFormat, uses_structured_errors
 from ..stt_protocol import (
     CLOSE,
     STT_PATH,
+    STT_TURNS_PATH,
     SttDone,
     SttError,
     SttFlushDone,
@@ -58,10 +63,14 @@ from ..stt_protocol import (
     SttProtocolError,
     SttServerMessage,
     SttTranscript,
+    SttTurnConfig,
+    SttTurnEvent,
     SttWord,
     encode_stt_server_message,
     parse_stt_client_text,
     parse_stt_params,
+    parse_stt_turn_config,
+    parse_stt_turns_client_text,
 )
 from .faults import FAULT_HELP, FaultSettings, context_seed, hits, parse_faults
 from .recognizer import DEFAULT_MIN_RMS, RecognizedWord, StreamingRecognizer, Vocabulary
@@ -75,6 +84,9 @@ MAX_AUDIO_FRAME_BYTES: Final = 1 << 20
 #: Words per segment before the server finalizes by itself (bounds the pending bursts).
 MAX_SEGMENT_WORDS: Final = 500
 STATS_PATH: Final = "/emulator/stt/stats"
+#: /stt/turns/websocket: silence (ms, audio time) after the last word that ends a turn, capped
+#: by the client's ``turn_end_timeout_ms`` (a tone voice's end is certain: no end-of-turn model).
+TURN_END_SILENCE_MS: Final = 640.0
 
 Authorize = Callable[[web.Request, str], "web.Response | None"]
 
@@ -144,6 +156,16 @@ class SttSession:
             out.append(self._final())
         return out
 
+    def opening(self) -> list[SttServerMessage]:
+        return []
+
+    def on_text(self, text: str) -> tuple[list[SttServerMessage], bool]:
+        """A TEXT command → (messages, whether the socket closes after them); raises
+        ``SttProtocolError`` for anything but ``finalize``/``close``."""
+        if parse_stt_client_text(text) == CLOSE:
+            return self.close(), True
+        return self.finalize(), False
+
     def finalize(self) -> list[SttServerMessage]:
         self.recognizer.flush()
         return [self._final(), SttFlushDone(self.request_id)]
@@ -175,6 +197,89 @@ class SttSession:
         )
 
 
+class SttTurnSession:
+    """One ``/stt/turns/websocket`` socket (no I/O): ``connected``, then per turn
+    ``turn.start`` (at its first recognised word), ``turn.update`` (cumulative text, each
+    new word), ``turn.end`` after ``TURN_END_SILENCE_MS`` of silence (audio time). The preview
+    events ``turn.eager_end``/``turn.resume`` are not sent. ``{"type":"close"}`` ends an
+    open turn, then the socket closes; ``{"type":"config","turn":{...}}`` changes the timeout."""
+
+    def __init__(self, params: SttParams, turn: SttTurnConfig, vocabulary: Vocabulary, request_id: str,
+                 end_silence_ms: float) -> None:
+        self.params = params
+        self.request_id = request_id
+        self.default_end_silence_ms = end_silence_ms
+        self.end_silence_ms = end_silence_ms
+        self.configure(turn)
+        self.recognizer = StreamingRecognizer(vocabulary, params.sample_rate, params.encoding,
+                                              max_pending=MAX_SEGMENT_WORDS)
+        self.in_turn = False
+        self.last_text = ""
+        self.finals = 0
+        self.words_total = 0
+
+    @property
+    def audio_s(self) -> float:
+        return self.recognizer.samples / self.params.sample_rate
+
+    def configure(self, turn: SttTurnConfig) -> None:
+        if turn.end_timeout_ms is not None:
+            self.end_silence_ms = min(self.default_end_silence_ms, turn.end_timeout_ms)
+
+    def opening(self) -> list[SttServerMessage]:
+        return [SttTurnEvent("connected", request_id=self.request_id)]
+
+    def on_audio(self, audio: bytes) -> list[SttServerMessage]:
+        rec = self.recognizer
+        out: list[SttServerMessage] = []
+        if rec.feed(audio):
+            out.extend(self._update())
+        if self.in_turn and rec.silence_samples() * 1000 >= self.end_silence_ms * self.params.sample_rate:
+            out.append(self._end())
+        elif len(rec.pending) >= MAX_SEGMENT_WORDS:
+            out.append(self._end())
+        return out
+
+    def on_text(self, text: str) -> tuple[list[SttServerMessage], bool]:
+        command = parse_stt_turns_client_text(text)
+        if command == CLOSE:
+            self.recognizer.flush()
+            out = self._update()
+            if self.in_turn:
+                out.append(self._end())
+            return out, True
+        assert isinstance(command, SttTurnConfig)
+        self.configure(command)
+        return [], False
+
+    def _update(self) -> list[SttServerMessage]:
+        text = " ".join(w.word for w in self.recognizer.pending_words())
+        out: list[SttServerMessage] = []
+        if text and not self.in_turn:
+            self.in_turn = True
+            out.append(SttTurnEvent("turn.start", request_id=self.request_id))
+        if text and text != self.last_text:
+            self.last_text = text
+            out.append(SttTurnEvent("turn.update", text, self.request_id))
+        return out
+
+    def _end(self) -> SttServerMessage:
+        words = self.recognizer.commit()
+        self.in_turn = False
+        self.last_text = ""
+        self.finals += 1
+        self.words_total += len(words)
+        return SttTurnEvent("turn.end", " ".join(w.word for w in words), self.request_id)
+
+
+def _carries_text(msg: SttServerMessage) -> bool:
+    """Transcripts and turn updates/ends: what ``delay-ms`` holds and ``close-after-chunks`` counts."""
+    return isinstance(msg, SttTranscript) or (isinstance(msg, SttTurnEvent) and msg.kind in ("turn.update", "turn.end"))
+
+
+_Session = SttSession | SttTurnSession
+
+
 class _FaultySender:
     """Sends one socket's messages in order, applying its faults."""
 
@@ -192,10 +297,10 @@ class _FaultySender:
         if isinstance(msg, SttFlushDone | SttDone) and self.no_done:
             log_event(logger, "emulator_stt_fault_no_done", logging.DEBUG, stt_socket=self.key)
             return
-        if isinstance(msg, SttTranscript) and faults.delay_ms and self.rng.random() < faults.delay_fraction:
+        if _carries_text(msg) and faults.delay_ms and self.rng.random() < faults.delay_fraction:
             await asyncio.sleep(faults.delay_ms / 1000.0)
         await self.ws.send_str(encode_stt_server_message(msg))
-        if isinstance(msg, SttTranscript):
+        if _carries_text(msg):
             self.transcripts += 1
             limit = faults.close_after_chunks
             if limit is not None and self.transcripts >= limit:
@@ -227,6 +332,7 @@ class SttService:
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get(STT_PATH, self._handle)
+        app.router.add_get(STT_TURNS_PATH, self._handle_turns)
         app.router.add_get(STATS_PATH, self._stats)
         app.on_shutdown.append(self._on_shutdown)
 
@@ -244,13 +350,17 @@ class SttService:
         for ws in list(self._sockets):
             await ws.close(code=1001, message=b"server shutting down")
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle_turns(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, turns=True)
+
+    async def _handle(self, request: web.Request, *, turns: bool = False) -> web.StreamResponse:
         version = request.query.get("cartesia_version") or request.headers.get("Cartesia-Version") or DEFAULT_VERSION
         denied = self._authorize(request, version)
         if denied is not None:
             return denied
         try:
-            params = parse_stt_params(request.query, request.query.getall("keyterm", []))
+            params = parse_stt_params(request.query, request.query.getall("keyterm", []), turns=turns)
+            turn = parse_stt_turn_config(request.query) if turns else SttTurnConfig()
         except SttProtocolError as exc:
             return _http_error(400, str(exc), "invalid_request", "Invalid request", version)
         self.handshakes += 1
@@ -272,21 +382,28 @@ class SttService:
         self._sockets.add(ws)
         try:
             await ws.prepare(request)
-            await self._serve(ws, params, key, faults)
+            request_id = str(uuid.uuid4())
+            session: _Session = (
+                SttTurnSession(params, turn, self.vocabulary, request_id, TURN_END_SILENCE_MS)
+                if turns else SttSession(params, self.vocabulary, request_id)
+            )
+            await self._serve(ws, session, key, faults)
         finally:
             self._sockets.discard(ws)
             self.active -= 1
         return ws
 
-    async def _serve(self, ws: web.WebSocketResponse, params: SttParams, key: str, faults: FaultSettings) -> None:
-        session = SttSession(params, self.vocabulary, str(uuid.uuid4()))
+    async def _serve(self, ws: web.WebSocketResponse, session: _Session, key: str, faults: FaultSettings) -> None:
+        params = session.params
         sender = _FaultySender(ws, faults, self.emulator_settings.seed, key)
-        log_event(logger, "emulator_stt_open", stt_socket=key, model=params.model, encoding=params.encoding,
-                  sample_rate=params.sample_rate, request_id=session.request_id)
+        log_event(logger, "emulator_stt_open", stt_socket=key, request_id=session.request_id,
+                  model=params.model, encoding=params.encoding, sample_rate=params.sample_rate)
         idle = self.settings.idle_timeout_s
         last_audio = time.monotonic()
         reason = "client closed"
         try:
+            for message in session.opening():
+                await sender.send(message)
             while not sender.killed:
                 try:
                     msg = await ws.receive(timeout=max(0.001, last_audio + idle - time.monotonic()))
@@ -299,22 +416,22 @@ class SttService:
                     out = session.on_audio(msg.data)
                 elif msg.type == WSMsgType.TEXT:
                     try:
-                        command = parse_stt_client_text(msg.data)
+                        out, closing = session.on_text(msg.data)
                     except SttProtocolError as exc:
                         log_event(logger, "emulator_stt_bad_command", stt_socket=key, error=str(exc))
                         out = [SttError(str(exc), "Invalid request", 400, "invalid_request",
                                         request_id=session.request_id)]
                     else:
-                        out = session.close() if command == CLOSE else session.finalize()
-                        if command == CLOSE:
+                        if closing:
                             reason = "close command"
                 else:  # CLOSE, CLOSING, CLOSED, ERROR
                     break
                 for message in out:
                     await sender.send(message)
-                    if isinstance(message, SttTranscript):
+                    if _carries_text(message):
                         self.transcripts_total += 1
-                        self.finals_total += message.is_final
+                        self.finals_total += (message.kind == "turn.end" if isinstance(message, SttTurnEvent)
+                                              else isinstance(message, SttTranscript) and message.is_final)
                     if sender.killed:
                         reason = "fault close"
                         break
