@@ -219,6 +219,14 @@ async def peer() -> AsyncIterator[SttPeer]:
     await p.stop()
 
 
+async def until(predicate: Any, timeout_s: float = 5.0) -> None:
+    """Poll a condition on the peer's side (it has no events of its own), bounded."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
 async def start_peer(**kwargs: Any) -> SttPeer:
     p = SttPeer(**kwargs)
     await p.start()
@@ -540,3 +548,67 @@ async def test_full_send_queue_drops_oldest_audio_with_one_warning(
         assert time.monotonic() - started < 2.5
     finally:
         await peer.stop()
+
+
+async def test_forget_replay_means_a_later_loss_loses_no_turn(metrics: SpeechMetrics) -> None:
+    peer = await start_peer(kill_first_after=30 * FRAME)
+    try:
+        listener = Recorder()
+        admission = SttAdmission(1, metrics)
+        stream = make_stream(peer, listener, metrics, admission, replay_limit_bytes=10 * FRAME)
+        await stream.start()
+        for i in range(20):  # a long silence: the replay buffer overflows
+            stream.send_audio(frame(i))
+        assert stream.replay_bytes == 10 * FRAME
+        stream.forget_replay()  # the owner knows no turn is in progress
+        assert stream.replay_bytes == 0
+        speech = [frame(i) for i in range(20, 30)]
+        for f in speech:
+            stream.send_audio(f)
+        await listener.wait_for(lambda: "restored" in listener.kinds())
+        assert [p for k, p in listener.events if k == "lost"] == [("connection_lost", False)]
+        await until(lambda: len(peer.connections[1].received) >= len(speech) * FRAME)
+        assert bytes(peer.connections[1].received) == b"".join(speech)
+        await assert_clean_after_close(stream, admission, metrics)
+    finally:
+        await peer.stop()
+
+
+async def test_a_failing_listener_does_not_stop_the_stream(
+    peer: SttPeer, metrics: SpeechMetrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(Recorder):
+        def on_stt_message(self, msg: SttServerMessage, received_at: float) -> None:
+            super().on_stt_message(msg, received_at)
+            if isinstance(msg, SttTranscript):
+                raise RuntimeError("bug in the call")
+
+    listener = Broken()
+    admission = SttAdmission(1, metrics)
+    stream = make_stream(peer, listener, metrics, admission)
+    await stream.start()
+    with caplog.at_level(logging.ERROR, logger="bridge.cartesia.stt"):
+        for turn in range(2):
+            stream.send_audio(frame(turn))
+            stream.finalize()
+            await listener.wait_for(lambda turn=turn: listener.flushes == turn + 1)
+    failures = [r for r in caplog.records if r.getMessage() == "stt_listener_failed"]
+    assert len(failures) == 2 and "bug in the call" in str(getattr(failures[0], "exc", ""))
+    assert stream.connected and stream.replay_bytes == 0
+    await assert_clean_after_close(stream, admission, metrics)
+
+
+def test_speech_metrics_are_exposed_with_prometheus_names() -> None:
+    from prometheus_client import generate_latest
+
+    metrics = SpeechMetrics(CollectorRegistry(auto_describe=True))
+    metrics.stt_latency.observe(0.012)
+    metrics.turn_ttfa.observe(0.4)
+    text = generate_latest(metrics.registry).decode()
+    for name in ("bridge_stt_sockets ", "bridge_stt_admission_refused_total ", "bridge_stt_reconnects_total ",
+                 "bridge_stt_audio_dropped_bytes_total ", "bridge_stt_turns_lost_total ",
+                 'bridge_stt_errors_total{kind="handshake_401"} 0.0', 'bridge_stt_errors_total{kind="lost"} 0.0',
+                 'bridge_stt_turns_total{outcome="prompt"} 0.0', 'bridge_stt_turns_total{outcome="lost"} 0.0',
+                 'bridge_stt_latency_seconds_bucket{le="0.02"} 1.0', 'bridge_stt_latency_seconds_bucket{le="0.01"} 0.0',
+                 'bridge_turn_ttfa_seconds_bucket{le="0.4"} 1.0', 'bridge_turn_ttfa_seconds_bucket{le="5.0"} 1.0'):
+        assert name in text, name

@@ -268,6 +268,8 @@ class SttStream:
         Never blocks, never raises; dropped silently after ``close``."""
         if self._closing or not audio:
             return
+        if type(audio) is not bytes:  # a view or bytearray may change under us; replay keeps it
+            audio = bytes(audio)
         self._replay.append((self._epoch, audio))
         self._replay_bytes += len(audio)
         if self._replay_bytes > self.replay_limit_bytes:
@@ -314,9 +316,11 @@ class SttStream:
             self._replay.clear()
             self._replay_bytes = 0
             self._unacked.clear()
-            self._closed.set()
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                self._closed.set()
 
     # ------------------------------------------------------------------ sending
 
