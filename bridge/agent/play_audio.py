@@ -439,7 +439,8 @@ class PlayAudioFetcher:
       at most ``MAX_REDIRECTS`` (3) redirects;
     * ``max_bytes`` (default 10 MiB) of response body, counted while streaming (Content-Length
       is used only to refuse early, never trusted to accept); gzip bodies are counted decompressed;
-    * ``timeout_s`` (default 10 s) for the whole fetch: waiting for a slot, redirects and body;
+    * ``timeout_s`` (default 10 s) for the whole download: waiting for a slot, redirects and
+      body (decoding comes after it and is bounded by ``max_duration_s``, default 300 s of audio);
     * at most ``max_concurrent`` (default 4) downloads at once; more wait for a slot within their
       timeout;
     * an LRU cache of transcoded audio keyed by the exact URL, bounded both by ``cache_entries``
