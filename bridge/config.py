@@ -46,6 +46,8 @@ ENV_VARS: Final[dict[str, tuple[str | None, str]]] = {
     "CARTESIA_MAX_BUFFER_DELAY_MS": ("300", "max_buffer_delay_ms sent with streamed text (0 = generate at once)"),
     "CARTESIA_SOCKET_MAX_AGE_S": ("240", "replace a Cartesia socket idle this long (Cartesia closes at 300 s)"),
     "MAX_CALLS": ("500", "concurrent calls per process; more get a polite refusal"),
+    "MEDIA_MAX_UNSTARTED": ("64", "media WebSockets upgraded but not yet sent `start`; beyond it the oldest is closed"),
+    "MEDIA_START_TIMEOUT_S": ("10", "a media WebSocket that sends no `start` within this is closed"),
     "PLAYOUT_LEAD_MS": (str(PLAYOUT_LEAD_MS), "audio sent ahead of what the caller has heard, at most"),
     "PLAYOUT_MARK_INTERVAL_MS": ("100", "a Twilio mark every this many ms of audio"),
     "PLAYOUT_MAX_BUFFER_MS": ("60000", "per-call buffer of audio not yet sent; beyond it the utterance is cut"),
@@ -98,6 +100,8 @@ class Config:
     cartesia_max_buffer_delay_ms: int = 300
     cartesia_socket_max_age_s: float = 240.0
     max_calls: int = 500
+    media_max_unstarted: int = 64
+    media_start_timeout_s: float = 10.0
     playout_lead_ms: int = PLAYOUT_LEAD_MS
     playout_mark_interval_ms: int = 100
     playout_max_buffer_ms: int = 60_000
@@ -247,6 +251,8 @@ class Config:
             cartesia_max_buffer_delay_ms=as_int("CARTESIA_MAX_BUFFER_DELAY_MS", 0, 5000),
             cartesia_socket_max_age_s=as_float("CARTESIA_SOCKET_MAX_AGE_S", 1.0, 3600.0),
             max_calls=as_int("MAX_CALLS", 1, 100_000),
+            media_max_unstarted=as_int("MEDIA_MAX_UNSTARTED", 1, 100_000),
+            media_start_timeout_s=as_float("MEDIA_START_TIMEOUT_S", 0.1, 600.0),
             playout_lead_ms=lead,
             playout_mark_interval_ms=interval,
             playout_max_buffer_ms=as_int("PLAYOUT_MAX_BUFFER_MS", 1000, 600_000),

@@ -57,8 +57,11 @@ def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **f
 
 def loggable_url(url: str) -> str:
     """``url`` without userinfo or query (either may carry a credential)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+    except ValueError:  # e.g. "wss://[::1" or a port out of range: log nothing of it
+        return "<malformed URL>"
     return f"{parts.scheme}://{host}{parts.path}"

@@ -100,6 +100,7 @@ class BridgeServer:
             metrics=self.metrics,
             twilio_auth_token=config.twilio_auth_token,
         )
+        self.streams: dict[CallSession, str | None] = {}  # every open media socket (-> peer), oldest first
         self.emulator: Any = None
         self.pool: CartesiaPool | None = None  # set in startup
         self.services: CallServices | None = None  # set in startup, once the pool exists
@@ -376,13 +377,39 @@ class BridgeServer:
             self.metrics.signature_failures.labels(endpoint="media").inc()
             log_event(log, "signature_rejected", logging.WARNING, endpoint="media", remote=request.remote)
             raise web.HTTPForbidden(text="invalid X-Twilio-Signature")
+        # A socket costs memory until it sends start: a bounded number may wait, each for a bounded time.
+        # When full, the oldest waiting socket is closed rather than the new one refused: Twilio sends
+        # start within milliseconds of the upgrade, so a flood of idle sockets cannot lock real calls out.
+        limit = self.config.media_max_unstarted
+        waiting = [s for s in self.streams if not s.started and not s.closed]
+        if len(waiting) >= limit:
+            self._close_unstarted(waiting[0], "unstarted_limit")
         ws = InlineWebSocketResponse(max_msg_size=WS_HARD_MAX_MSG, compress=False, autoping=True,
                                      inline=self.fast_path.active)
         await ws.prepare(request)
         assert self.services is not None, "media stream before start-up"
         session = CallSession(self.services, ws)
-        await session.run()
+        self.streams[session] = request.remote
+        timer = asyncio.get_running_loop().call_later(self.config.media_start_timeout_s, self._start_timeout, session)
+        try:
+            await session.run()
+        finally:
+            timer.cancel()
+            self.streams.pop(session, None)
         return ws
+
+    def _start_timeout(self, session: CallSession) -> None:
+        if not session.started and not session.closed:
+            self._close_unstarted(session, "start_timeout")
+
+    def _close_unstarted(self, session: CallSession, reason: str) -> None:
+        self.metrics.media_streams_refused.labels(reason=reason).inc()
+        log_event(log, "media_stream_refused", logging.WARNING, reason=reason, remote=self.streams.get(session),
+                  limit=self.config.media_max_unstarted, timeout_s=self.config.media_start_timeout_s)
+        session.closed = True  # at once, so the next upgrade does not count it as waiting
+        task = asyncio.get_running_loop().create_task(session.hang_up(reason), name="unstarted-close")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "alive", "calls": len(self.calls)})

@@ -148,6 +148,10 @@ class BridgeMetrics:
             "bridge_utterances_failed", "Utterances given up (agent told)", ["reason"], registry=r
         )
         self.calls_refused = Counter("bridge_calls_refused", "Webhooks answered with a refusal", ["reason"], registry=r)
+        # Media WebSockets refused at the upgrade (unstarted_limit) or closed for never sending start.
+        self.media_streams_refused = Counter(
+            "bridge_media_streams_refused", "Media streams refused or closed before start", ["reason"], registry=r
+        )
         # Estimated from send times (bridge/playout.py "Gaps"): tts_late = Cartesia had not delivered,
         # held = the audio was here but the lead window waited for a mark echo.
         self.playout_gaps = Counter(

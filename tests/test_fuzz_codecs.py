@@ -61,7 +61,7 @@ _VALID_INBOUND = [orjson.loads(m) for m in (
     _FACTORY.mark("m1"), _FACTORY.stop())]
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=150)
 @given(mutations_of(_VALID_INBOUND))
 def test_twilio_inbound_survives_mutated_valid_messages(obj: dict[str, Any]) -> None:
     _inbound_ok(_json(obj))
@@ -132,7 +132,7 @@ _VALID_SERVER = [
 ] + [cp.encode_server_message(cp.ErrorMessage("c1", 500, "x"), version="2024-06-10")]
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=150)
 @given(mutations_of(_VALID_SERVER))
 def test_cartesia_server_parser_survives_mutated_valid_messages(obj: dict[str, Any]) -> None:
     _server_ok(obj)
@@ -204,7 +204,7 @@ def test_cartesia_client_parser_survives_any_json(value: Any) -> None:
     _client_ok(value)
 
 
-@settings(FUZZ, max_examples=400)
+@settings(FUZZ, max_examples=250)
 @given(mutations(_VALID_REQUEST))
 @example({**_VALID_REQUEST, "speed": []})  # was: TypeError (unhashable) instead of a 400
 @example({**_VALID_REQUEST, "output_format": {"container": "raw", "encoding": {}, "sample_rate": 8000}})
@@ -213,7 +213,7 @@ def test_cartesia_client_parser_survives_mutated_requests(obj: dict[str, Any]) -
     _client_ok(obj)
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=150)
 @given(mutations(_VALID_REQUEST))
 def test_cartesia_http_request_parser_survives_mutations(obj: dict[str, Any]) -> None:
     try:
@@ -298,7 +298,7 @@ _VALID_AGENT = [
 ]
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=150)
 @given(mutations_of(_VALID_AGENT))
 def test_agent_parser_survives_mutated_valid_messages(obj: dict[str, Any]) -> None:
     _agent_ok(_json(obj))
@@ -360,7 +360,7 @@ _VALID_STT = [orjson.loads(sp.encode_stt_server_message(m)) for m in (
     sp.SttTurnEvent("turn.update", "hi", "r", {"turn_id": 3}))]
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=150)
 @given(mutations_of(_VALID_STT))
 def test_stt_server_parser_survives_mutated_valid_messages(obj: dict[str, Any]) -> None:
     _stt_ok(_json(obj))

@@ -19,7 +19,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import orjson
@@ -52,10 +52,31 @@ class AgentLink:
         raise NotImplementedError
 
 
+def _path_escapes(path: str) -> bool:
+    """True for ``.``/``..`` segments, encoded separators or backslashes, also percent-encoded (twice).
+
+    The client resolves dot segments before connecting (``/agent/../admin`` dials ``/admin``), and an
+    agent's server may decode ``%2F``; either would leave the allowlisted path prefix.
+    """
+    decoded = unquote(unquote(path))
+    if "\\" in decoded or decoded.count("/") != path.count("/"):
+        return True
+    return any(segment in (".", "..") for segment in decoded.split("/"))
+
+
 def agent_url_allowed(url: str, allowlist: tuple[str, ...]) -> bool:
-    """True when ``url`` starts with an allowlisted prefix at a path boundary."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or not parts.netloc or parts.username or parts.password:
+    """True when ``url`` starts with an allowlisted prefix at a path boundary.
+
+    Refused outright: other schemes, userinfo, malformed URLs, and paths with dot segments or
+    encoded separators (which would resolve outside the allowlisted prefix).
+    """
+    try:
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.netloc or parts.username or parts.password:
+            return False
+    except ValueError:
+        return False
+    if _path_escapes(parts.path):
         return False
     for prefix in allowlist:
         p = urlsplit(prefix)
