@@ -3,8 +3,9 @@
 Starts the bridge (with its embedded Cartesia emulator) on 127.0.0.1, places
 one simulated Twilio call (signed webhook, signed media stream, an ear that
 echoes marks as it plays), lets the built-in agent greet, presses 1 (read
-back), presses 9 (a long passage) and talks over it (barge-in), then hangs
-up. Writes what the caller heard to a WAV file (8 kHz mu-law) and prints a
+back), says a sentence (the emulator's tone voice, heard by the emulator's
+Cartesia STT; the agent repeats it), presses 9 (a long passage) and talks over
+it (barge-in from the recognised words), then hangs up. Writes what the caller heard to a WAV file (8 kHz mu-law) and prints a
 timeline with the latency figures scraped from the bridge's ``/metrics``.
 """
 
@@ -25,7 +26,7 @@ from bridge.netutil import free_port
 from bridge.server import BridgeServer, emulator_settings_from
 from metrics.scrape import parse_samples, summarize, value
 from telephony.media import MULAW_SILENCE
-from telephony.simulator import EarModel, SimulatedCall
+from telephony.simulator import EarModel, SimulatedCall, fetch_speech
 
 
 def mulaw_wav(audio: bytes, sample_rate: int = 8000) -> bytes:
@@ -75,6 +76,8 @@ async def run_demo(wav_path: str, voice_backend: str = "auto", ttfb_ms: float = 
         "GREETING": "Hello! This call runs through the media bridge and a local Cartesia. "
                     "Press 1 to hear it read back, or 9 for a longer passage.",
         "LOG_LEVEL": "WARNING",
+        "STT_ENABLED": "true",  # the built-in agent listens too: a spoken two-way turn
+        "RELAY_SPEECH_TIMEOUT": "500",
     })
     server = BridgeServer(config, emulator_settings=emulator_settings)
     runner = web.AppRunner(server.app(), access_log=None)
@@ -109,12 +112,25 @@ async def run_demo(wav_path: str, voice_backend: str = "auto", ttfb_ms: float = 
         await call.wait_until(lambda: call.record.media_bytes > before, 10)
         await call.wait_until(lambda: time.monotonic() > call.ear.buffer_end + 0.3, 10)
         mark("read-back heard")
+        emulator = server.emulator
+        assert emulator is not None and emulator.http_url is not None, "the demo runs the embedded emulator"
+        caller_voice = DEFAULT_VOICE_ID  # a tone voice: what the emulator's STT recognises
+        said = "what are your opening hours"
+        call.say(await fetch_speech(http, emulator.http_url, said, caller_voice))
+        mark(f"caller says {said!r}")
+        await call.wait_until(lambda: not call.saying, 10)
+        mark("caller stopped talking")
+        before = call.record.media_bytes
+        await call.wait_until(lambda: call.record.media_bytes > before, 10)
+        mark("agent's spoken reply starts (it heard the prompt)")
+        await call.wait_until(lambda: time.monotonic() > call.ear.buffer_end + 0.3, 15)
+        mark("reply heard")
         await call.send_dtmf("9")
         mark("caller pressed 9 (long passage)")
         before = call.record.media_bytes
         await call.wait_until(lambda: call.record.media_bytes > before, 10)
         await asyncio.sleep(2.5)
-        call.speak(0.6)
+        call.say(await fetch_speech(http, emulator.http_url, "wait a moment please", caller_voice))
         mark("caller starts talking over the agent")
         await call.wait_until(lambda: call.record.clears > 0, 5)
         mark("bridge sent clear (barge-in)")
@@ -145,6 +161,8 @@ async def run_demo(wav_path: str, voice_backend: str = "auto", ttfb_ms: float = 
         ("bridge_forwarding_delay_seconds", "chunk received -> frame sent"),
         ("bridge_mark_round_trip_seconds", "mark sent -> echo (playout)"),
         ("bridge_barge_in_latency_seconds", "caller speech onset -> clear"),
+        ("bridge_stt_latency_seconds", "end of caller speech -> transcript"),
+        ("bridge_turn_ttfa_seconds", "end of caller speech -> reply audio"),
     ):
         h = summarize(samples, name)
         print(f"  {label:<38} {h.count:5d} {ms(h.p50)} {ms(h.p99)}")

@@ -24,14 +24,16 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 from urllib.parse import urlencode
 
+import aiohttp
 import orjson
 from aiohttp import web
 
 from bridge.agent.connector import AgentConnector
+from bridge.agent.play_audio import PlayAudioFetcher
 from bridge.agent.relay_settings import RelaySettingsError
 from bridge.call import CallSettings
 from bridge.cartesia.client import CartesiaPool
@@ -56,6 +58,8 @@ LAG_PROBE_INTERVAL_S: Final = 0.1
 #: the codec with the call kept, beyond it aiohttp closes with 1009.
 WS_HARD_MAX_MSG: Final = 1024 * 1024
 #: Webhook parameters forwarded to the stream as <Parameter>s.
+#: Concurrent HTTP connections for `play` downloads (the fetcher also bounds concurrent fetches).
+PLAY_FETCH_CONNECTIONS: Final = 8
 FORWARDED_PARAMS: Final = {"From": "from", "To": "to", "Direction": "direction"}
 #: Webhook form fields kept for the agent's ``setup`` (ConversationRelay names them alike).
 CALL_FACTS: Final = {"From": "from", "To": "to", "Direction": "direction", "CallerName": "caller_name",
@@ -128,6 +132,8 @@ class BridgeServer:
             vad_hangover_ms=config.vad_hangover_ms,
             relay=config.relay,
         )
+        self.play: PlayAudioFetcher | None = None
+        self.play_http: aiohttp.ClientSession | None = None
         self.stt_admission = SttAdmission(config.cartesia_stt_max_concurrency, self.metrics.speech)
 
     # ------------------------------------------------------------ lifecycle
@@ -189,6 +195,7 @@ class BridgeServer:
             stt=self._stt_factory(cartesia_url) if config.stt_enabled != "false" else None,
             stt_mode=config.stt_enabled,
             stt_model=config.cartesia_stt_model,
+            play_fetch=self._play_fetcher(),
         )
         self.metrics.before_render.append(self.registry.flush_call_metrics)
         self.pool.start()
@@ -197,6 +204,14 @@ class BridgeServer:
         self.started = True
         self.metrics.ready.set(1)
         log_event(log, "bridge_ready", cartesia_sockets=config.cartesia_pool_size)
+
+    def _play_fetcher(self) -> Callable[[str], Awaitable[bytes]] | None:
+        """``play`` sources: allowlisted, fetched once, transcoded once, cached (bounded)."""
+        if not self.config.play_url_allowlist:
+            return None
+        self.play_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=PLAY_FETCH_CONNECTIONS))
+        self.play = PlayAudioFetcher(self.play_http, self.config.play_url_allowlist, metrics=self.metrics)
+        return self.play.fetch
 
     def _stt_factory(self, cartesia_url: str) -> Callable[[CallSession, SttParams], SttStream]:
         """Each listening call's STT socket, on the same Cartesia host as TTS."""
@@ -248,6 +263,12 @@ class BridgeServer:
         if self.pool is not None:
             await self.pool.close()
         await self.agents.close()
+        if self.play is not None:
+            await self.play.close()
+            self.play = None
+        if self.play_http is not None:
+            await self.play_http.close()
+            self.play_http = None
         if self.emulator is not None:
             await self.emulator.stop()
             self.emulator = None

@@ -160,3 +160,52 @@ async def test_every_agent_message_and_bad_fields(make_bridge: BridgeFactory, re
     samples = await bridge.metrics()
     assert value(samples, "bridge_calls_total", outcome="agent_end") == 1
     assert value(samples, "bridge_stt_sockets") == 0
+
+
+def _wav_16k_sine(seconds: float) -> bytes:
+    import math
+    import struct
+    n = int(16000 * seconds)
+    pcm = b"".join(struct.pack("<h", int(9000 * math.sin(2 * math.pi * 1000 * i / 16000))) for i in range(n))
+    fmt = struct.pack("<HHIIHH", 1, 1, 16000, 32000, 2, 16)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(pcm)) + pcm
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+async def test_play_fetches_allowlisted_audio_once(make_bridge: BridgeFactory, relay_agent: RelayAgent) -> None:
+    from aiohttp import web
+
+    from bridge.netutil import free_port
+
+    hits: list[str] = []
+
+    async def serve(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(body=_wav_16k_sine(0.5), content_type="audio/wav")
+
+    app = web.Application()
+    app.router.add_get("/audio/{name}", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        bridge = await _bridge(make_bridge, relay_agent, RELAY_WELCOME_GREETING="",
+                               PLAY_URL_ALLOWLIST=f"http://127.0.0.1:{port}/audio/")
+        call = bridge.call()
+        await call.place()
+        await call.connect()
+        await relay_agent.next("setup")
+        await relay_agent.send({"type": "play", "source": f"http://127.0.0.1:{port}/audio/hold.wav", "loop": 2})
+        # 0.5 s played twice = 8000 bytes of μ-law at the caller.
+        assert await wait_for(lambda: call.record.media_bytes >= 8000, 10)
+        await relay_agent.send({"type": "play", "source": f"http://127.0.0.1:{port}/audio/hold.wav"})
+        assert await wait_for(lambda: call.record.media_bytes >= 12000, 10)
+        assert hits == ["/audio/hold.wav"], "fetched and transcoded once, then cached"
+        await relay_agent.send({"type": "play", "source": f"http://127.0.0.1:{port}/private/x.wav"})
+        error = await relay_agent.next("error", 5)
+        assert "not on the play allowlist" in error["description"]
+        assert hits == ["/audio/hold.wav"], "a URL off the allowlist is never fetched"
+        await call.hangup()
+    finally:
+        await runner.cleanup()

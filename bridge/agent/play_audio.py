@@ -32,7 +32,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 import aiohttp
 import yarl
 
-from bridge.logs import log_event
+from bridge.logs import log_event, loggable_url
 
 with warnings.catch_warnings():  # 3.11/3.12 ship audioop (deprecated); 3.13+ gets it from audioop-lts.
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -166,17 +166,6 @@ def url_allowed(url: str, allowlist: tuple[str, ...]) -> bool:
         if _under(path, allowed[3]) and _under(theirs.path, allowed[3]):
             return True
     return False
-
-
-def loggable_url(url: str) -> str:
-    """``scheme://host[:port]/path`` only: never the query, fragment or userinfo."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or "?"
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<unparseable url>"
-    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 # --- decoding (no I/O) ---------------------------------------------------------------------------
