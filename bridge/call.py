@@ -125,6 +125,8 @@ Action = Union[ToTwilio, ToCartesia, CancelCartesia, ToAgent, EndCall, ResumeLat
 MAX_RESUMES = 5
 #: First 429 back-off (doubles per retry, plus up to 50 % jitter), seconds.
 BACKOFF_BASE_S = 0.2
+#: Word timestamps beyond this (seconds into one utterance) are refused as nonsense.
+MAX_TIMESTAMP_S = 3600.0
 #: Audio received without any word timestamp before the horizon is given up (bytes = 500 ms).
 HORIZON_GIVE_UP_BYTES = 4000
 #: ``<Parameter>`` names the bridge uses for itself (routing, call facts, ConversationRelay
@@ -785,6 +787,11 @@ class CallCore:
             self._release(utt, now, out)
         elif isinstance(msg, WordTimestamps):
             count = min(len(msg.words), len(msg.start), len(msg.end))
+            if not all(0.0 <= t <= MAX_TIMESTAMP_S for t in (*msg.start[:count], *msg.end[:count])):
+                # NaN, negative or absurd (1e305 overflows the byte arithmetic): dropped whole, counted.
+                self.metrics.bad_input.labels(source="cartesia", kind="invalid_timestamps").inc()
+                self._log("cartesia_bad_timestamps", logging.WARNING, context_id=context_id)
+                return out
             off = utt.word_offset_s
             utt.words.extend((w, a + off, b + off) for w, a, b in zip(msg.words[:count], msg.start[:count],
                                                                         msg.end[:count], strict=True))
