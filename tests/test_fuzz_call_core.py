@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
