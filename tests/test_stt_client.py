@@ -60,6 +60,7 @@ class PeerConnection:
     path: str
     received: bytearray = field(default_factory=bytearray)
     commands: list[tuple[int, str]] = field(default_factory=list)  # (bytes received before it, command)
+    message_sizes: list[int] = field(default_factory=list)
     finalized_at: int = 0
 
 
@@ -109,6 +110,7 @@ class SttPeer:
             async for message in ws:
                 if isinstance(message, bytes):
                     conn.received += message
+                    conn.message_sizes.append(len(message))
                     if first and self.kill_first_after is not None and len(conn.received) >= self.kill_first_after:
                         ws.transport.abort()
                         return
@@ -280,12 +282,15 @@ async def test_audio_arrives_whole_in_order_and_finalize_is_answered(peer: SttPe
     stream.finalize()
 
 
-async def test_socket_killed_mid_turn_reconnects_and_replays_the_turn_once(metrics: SpeechMetrics) -> None:
+@pytest.mark.parametrize("coalesce_bytes", [0, 5 * FRAME])
+async def test_socket_killed_mid_turn_reconnects_and_replays_the_turn_once(
+    metrics: SpeechMetrics, coalesce_bytes: int
+) -> None:
     peer = await start_peer(kill_first_after=20 * FRAME)
     try:
         listener = Recorder()
         admission = SttAdmission(1, metrics)
-        stream = make_stream(peer, listener, metrics, admission)
+        stream = make_stream(peer, listener, metrics, admission, coalesce_bytes=coalesce_bytes)
         await stream.start()
         frames = [frame(i) for i in range(60)]
         for f in frames[:40]:
@@ -612,3 +617,22 @@ def test_speech_metrics_are_exposed_with_prometheus_names() -> None:
                  'bridge_stt_latency_seconds_bucket{le="0.02"} 1.0', 'bridge_stt_latency_seconds_bucket{le="0.01"} 0.0',
                  'bridge_turn_ttfa_seconds_bucket{le="0.4"} 1.0', 'bridge_turn_ttfa_seconds_bucket{le="5.0"} 1.0'):
         assert name in text, name
+
+
+async def test_coalesced_audio_is_whole_and_finalize_flushes_it(peer: SttPeer, metrics: SpeechMetrics) -> None:
+    listener = Recorder()
+    admission = SttAdmission(1, metrics)
+    stream = make_stream(peer, listener, metrics, admission, coalesce_bytes=5 * FRAME)
+    await stream.start()
+    frames = [frame(i) for i in range(12)]
+    for f in frames:
+        stream.send_audio(f)
+    stream.finalize()  # the 2 frames still held go out before the finalize
+    await listener.wait_for(lambda: listener.flushes == 1)
+    conn = peer.connections[0]
+    assert bytes(conn.received) == b"".join(frames)
+    assert conn.message_sizes == [5 * FRAME, 5 * FRAME, 2 * FRAME]
+    assert conn.commands == [(12 * FRAME, FINALIZE)]
+    stream.send_audio(frame(12))
+    await assert_clean_after_close(stream, admission, metrics)
+    assert bytes(conn.received).endswith(frame(12)) and conn.commands[-1] == (13 * FRAME, CLOSE)
