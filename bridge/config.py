@@ -46,7 +46,8 @@ ENV_VARS: Final[dict[str, tuple[str | None, str]]] = {
     "CARTESIA_MAX_BUFFER_DELAY_MS": ("300", "max_buffer_delay_ms sent with streamed text (0 = generate at once)"),
     "CARTESIA_SOCKET_MAX_AGE_S": ("240", "replace a Cartesia socket idle this long (Cartesia closes at 300 s)"),
     "MAX_CALLS": ("500", "concurrent calls per process; more get a polite refusal"),
-    "MEDIA_MAX_UNSTARTED": ("64", "media WebSockets upgraded but not yet sent `start`; beyond it the oldest is closed"),
+    "MEDIA_MAX_UNSTARTED": (None, "media WebSockets upgraded but not yet sent `start` (default MAX_CALLS: a burst of "
+                            "real calls never trips it); beyond it the oldest is closed"),
     "MEDIA_START_TIMEOUT_S": ("10", "a media WebSocket that sends no `start` within this is closed"),
     "PLAYOUT_LEAD_MS": (str(PLAYOUT_LEAD_MS), "audio sent ahead of what the caller has heard, at most"),
     "PLAYOUT_MARK_INTERVAL_MS": ("100", "a Twilio mark every this many ms of audio"),
@@ -66,6 +67,8 @@ ENV_VARS: Final[dict[str, tuple[str | None, str]]] = {
     "STT_ENABLED": ("auto", "caller audio to Cartesia STT, prompts to the agent: auto (external agents), true, false"),
     "CARTESIA_STT_MODEL": ("ink-whisper", "Cartesia STT model (manual finalize: ink-whisper, ink-2)"),
     "CARTESIA_STT_MAX_CONCURRENCY": ("20", "STT sockets per process (Cartesia counts STT per plan, apart from TTS)"),
+    "STT_SEND_INTERVAL_MS": ("60", "caller audio is sent to STT in messages of this many ms (20 = every frame; "
+                             "larger costs less CPU, delays interim words; finalize never waits)"),
     "STT_REPLAY_LIMIT_MS": ("15000", "caller audio kept to replay a turn after an STT socket loss"),
     "PLAY_URL_ALLOWLIST": (None, "comma-separated http(s) URL prefixes an agent `play` may fetch audio from"),
     **{relay_env_name(attr): (None, f"default ConversationRelay {attr} (per call: webhook query or <Parameter>)")
@@ -100,7 +103,7 @@ class Config:
     cartesia_max_buffer_delay_ms: int = 300
     cartesia_socket_max_age_s: float = 240.0
     max_calls: int = 500
-    media_max_unstarted: int = 64
+    media_max_unstarted: int = 500
     media_start_timeout_s: float = 10.0
     playout_lead_ms: int = PLAYOUT_LEAD_MS
     playout_mark_interval_ms: int = 100
@@ -124,6 +127,7 @@ class Config:
     cartesia_stt_model: str = "ink-whisper"
     cartesia_stt_max_concurrency: int = 20
     stt_replay_limit_ms: int = 15_000
+    stt_send_interval_ms: int = 60
     play_url_allowlist: tuple[str, ...] = ()
     relay: RelaySettings = field(default_factory=RelaySettings)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -251,7 +255,8 @@ class Config:
             cartesia_max_buffer_delay_ms=as_int("CARTESIA_MAX_BUFFER_DELAY_MS", 0, 5000),
             cartesia_socket_max_age_s=as_float("CARTESIA_SOCKET_MAX_AGE_S", 1.0, 3600.0),
             max_calls=as_int("MAX_CALLS", 1, 100_000),
-            media_max_unstarted=as_int("MEDIA_MAX_UNSTARTED", 1, 100_000),
+            media_max_unstarted=(as_int("MEDIA_MAX_UNSTARTED", 1, 100_000) if get("MEDIA_MAX_UNSTARTED") is not None
+                                 else as_int("MAX_CALLS", 1, 100_000)),
             media_start_timeout_s=as_float("MEDIA_START_TIMEOUT_S", 0.1, 600.0),
             playout_lead_ms=lead,
             playout_mark_interval_ms=interval,
@@ -275,6 +280,7 @@ class Config:
             cartesia_stt_model=stt_model,
             cartesia_stt_max_concurrency=as_int("CARTESIA_STT_MAX_CONCURRENCY", 1, 100_000),
             stt_replay_limit_ms=as_int("STT_REPLAY_LIMIT_MS", 1000, 120_000),
+            stt_send_interval_ms=as_int("STT_SEND_INTERVAL_MS", 20, 500),
             play_url_allowlist=play_allow,
             relay=relay,
         )

@@ -221,7 +221,8 @@ class BridgeServer:
             return SttStream(base_url=cartesia_url, api_key=config.cartesia_api_key, version=config.cartesia_version,
                              params=params, listener=call, metrics=self.metrics.speech, admission=self.stt_admission,
                              log_fields={"call_sid": call.core.call_sid, "stream_sid": call.core.stream_sid},
-                             replay_limit_bytes=config.stt_replay_limit_ms * 8)
+                             replay_limit_bytes=config.stt_replay_limit_ms * 8,
+                             coalesce_bytes=config.stt_send_interval_ms * 8 if config.stt_send_interval_ms > 20 else 0)
         return open_stt
 
     async def _check_fast_path(self) -> None:

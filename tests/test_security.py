@@ -415,13 +415,13 @@ async def test_a_flood_of_half_open_connections_does_not_stop_calls(make_bridge:
 
         statuses = await asyncio.gather(*(webhook(i) for i in range(200)))
         assert set(statuses) == {200}
-        assert len(bridge.server._pending_calls) <= 2 * 20  # noqa: SLF001 - the documented bound
+        assert len(bridge.server.registry._pending) <= 2 * 20  # noqa: SLF001 - the documented bound
         samples = await bridge.metrics()
         assert value(samples, "bridge_calls_refused_total", reason="max_calls") >= 180
         # While all of that is held open, the bridge still answers and a call still works.
         async with bridge.http.get(bridge.base_url + "/healthz") as resp:
             assert resp.status == 200
-        bridge.server._pending_calls.clear()  # noqa: SLF001 - let the next webhook in (ringing calls that never came)
+        bridge.server.registry._pending.clear()  # noqa: SLF001 - let the next webhook in (ringing calls that never came)
         call = bridge.call()
         assert await call.place() is not None
         await call.connect()  # 16 idle sockets wait: this upgrade closes the oldest of them, and starts
