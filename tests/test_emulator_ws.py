@@ -60,7 +60,7 @@ async def test_stream_shapes_timestamps_and_done(emulator_factory: EmulatorFacto
 
 async def test_every_field_nulls_unknowns_and_voice_forms(emulator_factory: EmulatorFactory) -> None:
     emu = await emulator_factory()
-    ws = await connect(emu)
+    ws = await connect(emu, "cartesia_version=2026-08-14")  # the version with bare and {id} voices
     full = request(
         "all",
         "Every field.",
@@ -131,7 +131,7 @@ async def test_invalid_fields_answer_400_naming_the_field(
 async def test_valid_models(emulator_factory: EmulatorFactory) -> None:
     emu = await emulator_factory()
     ws = await connect(emu)
-    models = ["sonic", "sonic-2", "sonic-turbo", "sonic-3", "sonic-3.5", "sonic-latest", "sonic-3-2026-01-12"]
+    models = ["sonic-2", "sonic-turbo", "sonic-3", "sonic-3.5", "sonic-latest", "sonic-3-2026-01-12", "sonic-3.6"]
     for i, model in enumerate(models):
         await send(ws, request(f"m{i}", "ok", model_id=model))
     msgs = await collect(ws, {f"m{i}" for i in range(len(models))})

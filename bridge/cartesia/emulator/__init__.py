@@ -11,9 +11,11 @@ or run ``media-bridge emulator --port 8765`` (see ``cli``).
 """
 
 from .faults import FaultSettings, parse_fault, parse_faults
+from .models import MODEL_IDS, valid_model
 from .server import Emulator
-from .settings import EmulatorSettings, valid_model
+from .settings import EmulatorSettings
 from .state import ContextRecord, EmulatorState
+from .versions import VERSIONS, VersionRules, rules_for
 from .voices import (
     DEFAULT_ESPEAK_VOICE_ID,
     DEFAULT_VOICE_ID,
@@ -26,6 +28,7 @@ from .voices import (
 __all__ = [
     "DEFAULT_ESPEAK_VOICE_ID",
     "DEFAULT_VOICE_ID",
+    "MODEL_IDS",
     "ESPEAK_VOICES",
     "TONE_VOICES",
     "ContextRecord",
@@ -34,8 +37,11 @@ __all__ = [
     "EmulatorState",
     "EspeakUnavailable",
     "FaultSettings",
+    "VERSIONS",
     "Voice",
+    "VersionRules",
     "parse_fault",
     "parse_faults",
+    "rules_for",
     "valid_model",
 ]

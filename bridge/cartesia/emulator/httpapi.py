@@ -20,6 +20,7 @@ from aiohttp import web
 
 from ...logs import log_event
 from ..protocol import DEFAULT_VERSION, uses_structured_errors
+from .versions import VersionRules, rules_for
 
 logger = logging.getLogger("bridge.cartesia.emulator")
 
@@ -32,6 +33,15 @@ TOKEN_TTL_RANGE_S: Final = (1.0, 3600.0)
 def version_of(request: web.Request) -> str:
     """The request's Cartesia API version (query first, then header)."""
     return request.query.get("cartesia_version") or request.headers.get("Cartesia-Version") or DEFAULT_VERSION
+
+
+def rules_of(request: web.Request) -> VersionRules | web.Response:
+    """The request's version rules, or the 400 naming the bad version."""
+    version = version_of(request)
+    try:
+        return rules_for(version)
+    except ValueError as exc:
+        return http_error(400, str(exc), "invalid_request", "Invalid version", DEFAULT_VERSION)
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
