@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 
 from ...logs import log_event
-from ..protocol import DEFAULT_VERSION, uses_structured_errors
+from ..protocol import DEFAULT_VERSION, ErrorMessage, uses_structured_errors
 from .versions import VersionRules, rules_for
 
 logger = logging.getLogger("bridge.cartesia.emulator")
@@ -55,7 +55,7 @@ def http_error(status: int, message: str, code: str | None, title: str | None, v
         body = {"error_code": code, "title": title or "Error", "message": message,
                 "request_id": str(uuid.uuid4()), "status_code": status}
     else:
-        body = {"error": f"{title}: {message}" if title else message, "status_code": status}
+        body = {"error": ErrorMessage(None, status, message, code, title).description, "status_code": status}
     return json_response(body, status)
 
 
