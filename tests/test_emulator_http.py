@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from bridge.cartesia.emulator import DEFAULT_VOICE_ID, TONE_VOICES
-from bridge.cartesia.emulator.voices import ToneSynth
+from bridge.cartesia.emulator.voices import CARTESIA_VOICES, ToneSynth
 from bridge.cartesia.protocol import OutputFormat
 from tests import emulator_fixtures
 from tests.emulator_fixtures import MULAW_8K, EmulatorFactory
@@ -120,5 +120,5 @@ async def test_voices(emulator_factory: EmulatorFactory) -> None:
             one = await r.json()
         async with s.get(f"{emu.http_url}/voices/does-not-exist") as r:
             assert r.status == 404
-    assert [v["id"] for v in listing["data"]] == [v.id for v in TONE_VOICES]
+    assert [v["id"] for v in listing["data"]] == [v.id for v in (*TONE_VOICES, *CARTESIA_VOICES)]
     assert one["id"] == DEFAULT_VOICE_ID and one["name"] == "Tone Alto"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "bridge" / "cartesia" / "emulator"
@@ -67,3 +69,15 @@ def test_the_emulator_does_not_import_the_bridges_twilio_fast_path() -> None:
 def test_no_emulator_module_is_over_the_size_limit() -> None:
     sizes = {p.name: len(p.read_text().splitlines()) for p in PACKAGE.glob("*.py")}
     assert {n: s for n, s in sizes.items() if s > MAX_LINES} == {}
+
+
+def test_the_emulators_constants_load_without_aiohttp_or_the_server() -> None:
+    """The bridge's configuration may share the voice ids, models and version rules without the server."""
+    code = (
+        "import sys\n"
+        "from bridge.cartesia.emulator.voices import DEFAULT_VOICE_ID\n"
+        "from bridge.cartesia.emulator import MODEL_IDS, VERSIONS, EmulatorSettings\n"
+        "print(sorted(m for m in ('aiohttp', 'bridge.cartesia.emulator.server') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

@@ -32,7 +32,8 @@ from typing import Any, Final, Union
 
 import orjson
 
-from bridge.cartesia.protocol import LANGUAGES, SPEED_RANGE
+from bridge.cartesia.protocol import SPEED_RANGE
+from bridge.cartesia.protocol import cartesia_language as _cartesia_language
 
 #: Largest agent message accepted (bytes).
 MAX_AGENT_MESSAGE_BYTES: Final = 64 * 1024
@@ -46,7 +47,6 @@ SENSITIVITIES: Final = ("low", "medium", "high")
 #: ``info`` event names an agent can ask for (TwiML ``events`` attribute).
 INFO_EVENTS: Final = frozenset({"agentSpeaking", "clientSpeaking", "tokensPlayed"})
 _DIGITS_RE: Final = re.compile(r"[0-9*#A-DwW]+")
-_BCP47_RE: Final = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
 
 
 class AgentMessageError(ValueError):
@@ -54,14 +54,12 @@ class AgentMessageError(ValueError):
 
 
 def cartesia_language(code: str) -> str:
-    """Map a BCP-47 tag (``es-MX``, ``en-US``, ``pt_BR``) to the language code Cartesia
-    takes (``es``, ``en``, ``pt``); ``AgentMessageError`` when Cartesia has no such language."""
-    if not isinstance(code, str) or not _BCP47_RE.match(code.replace("_", "-")):
-        raise AgentMessageError(f"language {code!r} is not a BCP-47 language tag")
-    primary = code.replace("_", "-").split("-", 1)[0].lower()
-    if primary not in LANGUAGES:
-        raise AgentMessageError(f"language {code!r} is not supported by Cartesia")
-    return primary
+    """The Cartesia language for a BCP-47 tag (``es-MX`` → ``es``): ``bridge.cartesia.protocol``'s
+    mapping, with the agent protocol's error (``AgentMessageError``, sent back as ``error``)."""
+    try:
+        return _cartesia_language(code)
+    except ValueError as exc:
+        raise AgentMessageError(f"language {exc}") from None
 
 
 def interrupt_mode(value: Any, field: str = "interruptible") -> str:

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field, fields, replace
 from operator import attrgetter
 from typing import Any, Final, Union
 
-#: Versions at or after this date use the structured error shape (D5).
-STRUCTURED_ERRORS_SINCE: Final = "2026-03-01"
+#: Versions at or after this date use the structured error shape: documented for 2026-03-01 (D5),
+#: and the official SDK 3.x (which sends 2025-11-04) already models errors as title/message/error_code.
+STRUCTURED_ERRORS_SINCE: Final = "2025-11-04"
 #: Version the bridge sends and the emulator assumes when none is given.
 DEFAULT_VERSION: Final = "2026-03-01"
 
@@ -79,7 +80,7 @@ def cartesia_language(code: str) -> str:
     primary = re.split(r"[-_]", code, maxsplit=1)[0].lower()
     language = LANGUAGE_ALIASES.get(primary, primary)
     if language not in LANGUAGES:
-        raise ValueError(f"language {code!r} is not supported by Cartesia (supported: {', '.join(sorted(LANGUAGES))})")
+        raise ValueError(f"{code!r} names no language Cartesia speaks (supported: {', '.join(sorted(LANGUAGES))})")
     return language
 
 
@@ -152,6 +153,11 @@ class GenerationRequest:
     """One input on a context: the first, a continuation, a flush or the close.
 
     ``voice_id`` is the voice UUID; the wire form is ``{"mode":"id","id":…}``.
+    ``voice_form`` says how a parsed request named its voice: ``id``
+    (``{"mode":"id"}``), ``object`` (``{"id":…}`` without mode), ``bare`` (a
+    string) or ``embedding`` (``voice_embedding`` floats, ``voice_id`` empty).
+    ``language`` is as sent (a Cartesia code or a BCP-47 tag, see
+    ``cartesia_language``); ``locale`` is the 2026-08-14 alternative to it.
     ``generation_config`` holds ``speed`` (0.6-1.5), ``volume`` (0.5-2.0) and
     ``emotion`` as documented; ``max_buffer_delay_ms`` is in ms, 0-5000.
     """
@@ -172,13 +178,26 @@ class GenerationRequest:
     speed: str | None = None
     pronunciation_dict_id: str | None = None
     duration: float | None = None
+    locale: str | None = None
+    voice_form: str = "id"
+    voice_embedding: tuple[float, ...] | None = None
+
+    def wire_voice(self) -> Any:
+        """The ``voice`` value in the form this request was made with."""
+        if self.voice_form == "embedding":
+            return {"mode": "embedding", "embedding": list(self.voice_embedding or ())}
+        if self.voice_form == "bare":
+            return self.voice_id
+        if self.voice_form == "object":
+            return {"id": self.voice_id}
+        return {"mode": "id", "id": self.voice_id}
 
     def to_wire(self) -> dict[str, Any]:
         """The exact JSON object to send (``None`` options omitted)."""
         wire: dict[str, Any] = {
             "model_id": self.model_id,
             "transcript": self.transcript,
-            "voice": {"mode": "id", "id": self.voice_id},
+            "voice": self.wire_voice(),
             "output_format": self.output_format.to_wire(),
             "context_id": self.context_id,
             "continue": self.continue_,
@@ -187,6 +206,8 @@ class GenerationRequest:
             wire["flush"] = True
         if self.language is not None:
             wire["language"] = self.language
+        if self.locale is not None:
+            wire["locale"] = self.locale
         if self.add_timestamps:
             wire["add_timestamps"] = True
         if self.add_phoneme_timestamps:
@@ -243,11 +264,6 @@ class CancelRequest:
 ClientMessage = Union[GenerationRequest, CancelRequest]
 
 
-def _opt(obj: dict[str, Any], key: str) -> Any:
-    value = obj.get(key)
-    return value
-
-
 def _require_str(obj: dict[str, Any], key: str, ctx: str | None, *, allow_empty: bool = True) -> str:
     value = obj.get(key)
     if not isinstance(value, str) or (not allow_empty and not value):
@@ -264,19 +280,48 @@ def _parse_bool(obj: dict[str, Any], key: str, ctx: str | None, default: bool) -
     return value
 
 
-def parse_voice(value: Any, ctx: str | None) -> str:
-    """Voice id from ``{"mode":"id","id":…}``, ``{"id":…}`` or a bare string."""
+#: Length of a Cartesia voice embedding (docs 2024-11-13: 192 floats).
+EMBEDDING_LENGTH: Final = 192
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceSpec:
+    """A parsed ``voice``: its id (empty for an embedding), its wire form, its embedding."""
+
+    voice_id: str
+    form: str = "id"
+    embedding: tuple[float, ...] | None = None
+
+
+def parse_voice(value: Any, ctx: str | None) -> VoiceSpec:
+    """``{"mode":"id","id":…}``, ``{"id":…}``, a bare id string, or ``{"mode":"embedding","embedding":[…]}``.
+
+    Which forms a given API version accepts is the server's business (the
+    emulator's ``versions``); this only checks the shape, naming ``voice``.
+    """
     if isinstance(value, str) and value:
-        return value
+        return VoiceSpec(value, "bare")
     if isinstance(value, dict):
         mode = value.get("mode")
+        if mode == "embedding":
+            emb = value.get("embedding")
+            if (
+                not isinstance(emb, list)
+                or len(emb) != EMBEDDING_LENGTH
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in emb)
+            ):
+                raise RequestError(
+                    f"voice.embedding must be a list of {EMBEDDING_LENGTH} numbers", field="voice.embedding",
+                    context_id=ctx,
+                )
+            return VoiceSpec("", "embedding", tuple(float(v) for v in emb))
         if mode not in (None, "id"):
             raise RequestError(
-                f"voice.mode {mode!r} is not supported; use mode 'id'", field="voice", context_id=ctx
+                f"voice.mode {mode!r} is not supported; use mode 'id'", field="voice.mode", context_id=ctx
             )
         voice_id = value.get("id")
         if isinstance(voice_id, str) and voice_id:
-            return voice_id
+            return VoiceSpec(voice_id, "id" if mode == "id" else "object")
     raise RequestError("voice must be {'mode':'id','id':<voice id>}", field="voice", context_id=ctx)
 
 
@@ -356,11 +401,12 @@ def parse_client_message(obj: Any) -> ClientMessage:
         return CancelRequest(ctx)
     transcript = _require_str(obj, "transcript", ctx)
     model_id = _require_str(obj, "model_id", ctx, allow_empty=False)
-    voice_id = parse_voice(obj.get("voice"), ctx)
+    voice = parse_voice(obj.get("voice"), ctx)
     output_format = parse_output_format(obj.get("output_format"), ctx)
-    language = obj.get("language")
-    if language is not None and (not isinstance(language, str) or language not in LANGUAGES):
-        raise RequestError(f"language {language!r} is not supported", field="language", context_id=ctx)
+    language = _parse_language(obj, "language", ctx)
+    locale = _parse_language(obj, "locale", ctx)
+    if language is not None and locale is not None:
+        raise RequestError("locale cannot be sent with language: set one of them", field="locale", context_id=ctx)
     delay = obj.get("max_buffer_delay_ms")
     if delay is not None:
         low, high = MAX_BUFFER_DELAY_RANGE_MS
@@ -390,7 +436,7 @@ def parse_client_message(obj: Any) -> ClientMessage:
         context_id=ctx or "",
         transcript=transcript,
         model_id=model_id,
-        voice_id=voice_id,
+        voice_id=voice.voice_id,
         output_format=output_format,
         continue_=_parse_bool(obj, "continue", ctx, False),
         flush=_parse_bool(obj, "flush", ctx, False),
@@ -403,7 +449,24 @@ def parse_client_message(obj: Any) -> ClientMessage:
         speed=speed,
         pronunciation_dict_id=pron,
         duration=float(duration) if duration is not None else None,
+        locale=locale,
+        voice_form=voice.form,
+        voice_embedding=voice.embedding,
     )
+
+
+def _parse_language(obj: dict[str, Any], key: str, ctx: str | None) -> str | None:
+    """``language``/``locale`` as sent, if ``cartesia_language`` knows it; errors name ``key``."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RequestError(f"{key} must be a string such as 'en' or 'es-MX'", field=key, context_id=ctx)
+    try:
+        cartesia_language(value)
+    except ValueError as exc:
+        raise RequestError(f"{key} {exc}", field=key, context_id=ctx) from None
+    return value
 
 
 # --------------------------------------------------------------------------
@@ -465,7 +528,10 @@ class ErrorMessage:
 
     @property
     def description(self) -> str:
-        return f"{self.title}: {self.message}" if self.title else self.message
+        """``title: message`` (the legacy ``error`` string), never repeating a title the message starts with."""
+        if not self.title or self.message.startswith(self.title):
+            return self.message
+        return f"{self.title}: {self.message}"
 
 
 @dataclass(frozen=True, slots=True)

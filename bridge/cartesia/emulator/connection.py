@@ -51,9 +51,11 @@ from ..protocol import (
 )
 from .context import Context, clock
 from .faults import hits
-from .settings import EmulatorSettings, valid_model
+from .models import check_model
+from .settings import EmulatorSettings
 from .state import EmulatorState
 from .synth import Synthesizer
+from .versions import VersionRules, check_request
 
 logger = logging.getLogger("bridge.cartesia.emulator")
 
@@ -85,13 +87,14 @@ class Connection:
     (outbox high water, tombstones, write buffer).
     """
 
-    def __init__(self, services: Services, ws: web.WebSocketResponse, conn_id: int, version: str) -> None:
+    def __init__(self, services: Services, ws: web.WebSocketResponse, conn_id: int, rules: VersionRules) -> None:
         self.settings = services.settings
         self.synth = services.synth
         self.state = services.state
         self.ws = ws
         self.id = conn_id
-        self.version = version
+        self.rules = rules
+        self.version = rules.version
         self.loop = asyncio.get_running_loop()
         self.contexts: dict[str, Context] = {}
         self.tombstones: OrderedDict[str, float] = OrderedDict()
@@ -282,11 +285,8 @@ class Connection:
         if not req.context_id:
             req.context_id = str(uuid.uuid4())
         cid = req.context_id
-        if not valid_model(req.model_id):
-            raise RequestError(
-                f"Invalid model: model_id {req.model_id!r} is not a valid model ID",
-                field="model_id", context_id=cid, error_code="model_not_found", title="Invalid model",
-            )
+        check_model(req.model_id, cid)
+        check_request(req, self.rules)
         ctx = self.contexts.get(cid)
         if ctx is None:
             finished_at = self.tombstones.get(cid)
@@ -298,7 +298,7 @@ class Connection:
                     error_code="context_expired" if expired else "context_closed",
                     title="Context expired" if expired else "Context closed",
                 )
-            voice = self.synth.voice_for(req.voice_id, cid)
+            voice = self.synth.voice_of(req)
             if hits(settings.seed, "reject-429", cid, settings.faults.reject_429_fraction) or (
                 settings.max_concurrency is not None and self.state.active_contexts >= settings.max_concurrency
             ):
@@ -308,7 +308,7 @@ class Connection:
                     title="Too many concurrent requests",
                 )
             record = self.state.open_record(cid, self.id, req.model_id, voice.id, req.output_format)
-            ctx = Context(self, req, voice, now, record)
+            ctx = Context(self, req, voice, now, record, first_flush_id=self.rules.first_flush_id)
             self.contexts[cid] = ctx
             self.state.context_started()
         elif ctx.state != "open":
@@ -325,7 +325,7 @@ class Connection:
 
 
 async def serve_websocket(
-    services: Services, request: web.Request, conn_id: int, version: str, live: dict[int, Connection]
+    services: Services, request: web.Request, conn_id: int, rules: VersionRules, live: dict[int, Connection]
 ) -> web.WebSocketResponse:
     """Upgrade ``request`` and run the connection until either side closes.
 
@@ -343,14 +343,14 @@ async def serve_websocket(
         state.active_connections -= 1
         raise
     state.handshakes += 1
-    conn = Connection(services, ws, conn_id, version)
+    conn = Connection(services, ws, conn_id, rules)
     transport = request.transport
     # uvloop's transports are not asyncio.Transport subclasses; what matters is the interface.
     conn.transport = transport if hasattr(transport, "get_write_buffer_size") else None
     live[conn.id] = conn
     scheduler = asyncio.create_task(conn.run_scheduler(), name=f"emulator-conn-{conn.id}")
     conn.scheduler = scheduler
-    log_event(logger, "emulator_connection_open", connection_id=conn.id, version=version)
+    log_event(logger, "emulator_connection_open", connection_id=conn.id, version=rules.version)
     loop = asyncio.get_running_loop()
     idle = services.settings.idle_timeout_s
     reason = "client closed"

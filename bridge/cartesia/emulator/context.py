@@ -116,7 +116,14 @@ class Context:
     """
 
     def __init__(
-        self, host: ContextHost, req: GenerationRequest, voice: Voice, now: float, record: ContextRecord | None
+        self,
+        host: ContextHost,
+        req: GenerationRequest,
+        voice: Voice,
+        now: float,
+        record: ContextRecord | None,
+        *,
+        first_flush_id: int = 1,
     ) -> None:
         self.host = host
         self.id = req.context_id
@@ -131,7 +138,8 @@ class Context:
         self.jobs: deque[Job] = deque()
         self.buffer = ""
         self.buffer_deadline: float | None = None
-        self.flush_id = 1
+        #: ``flush_id`` of the text not yet flushed (the API version decides where it starts).
+        self.flush_id = first_flush_id
         self.state = "open"
         self.samples_total = 0
         self.due: float | None = None

@@ -33,8 +33,9 @@ from ..protocol import (
     parse_http_tts_request,
 )
 from .connection import Services
-from .httpapi import Authenticator, http_error, version_of
-from .settings import valid_model
+from .httpapi import Authenticator, http_error, rules_of
+from .models import check_model
+from .versions import check_request
 from .voices import Rendered, Voice
 
 WAV_FORMAT_TAGS: Final = {"pcm_s16le": 1, "pcm_f32le": 3, "pcm_alaw": 6, "pcm_mulaw": 7}
@@ -63,8 +64,12 @@ class HttpTts:
         self.services = services
         self.auth = auth
 
-    async def parse(self, request: web.Request, version: str) -> tuple[GenerationRequest, Voice] | web.Response:
-        """The request and its voice, or the error response to answer."""
+    async def parse(self, request: web.Request) -> tuple[GenerationRequest, Voice, str] | web.Response:
+        """The request, its voice and the API version, or the error response to answer."""
+        rules = rules_of(request)
+        if isinstance(rules, web.Response):
+            return rules
+        version = rules.version
         denied = self.auth.check(request, version)
         if denied is not None:
             return denied
@@ -74,10 +79,9 @@ class HttpTts:
             return http_error(400, f"invalid JSON body: {exc}", "invalid_json", "Invalid JSON", version)
         try:
             req = parse_http_tts_request(body)
-            if not valid_model(req.model_id):
-                raise RequestError(f"Invalid model: model_id {req.model_id!r} is not a valid model ID",
-                                   field="model_id", error_code="model_not_found", title="Invalid model")
-            voice = self.services.synth.voice_for(req.voice_id, None)
+            check_model(req.model_id, None)
+            check_request(req, rules)
+            voice = self.services.synth.voice_of(req)
         except RequestError as err:
             return http_error(err.status_code, err.message, err.error_code, err.title, version)
         if req.output_format.container == "mp3":
@@ -87,7 +91,7 @@ class HttpTts:
         if limit is not None and self.services.state.active_contexts >= limit:
             return http_error(429, "You have exceeded your plan's concurrency limit.",
                               "concurrency_limited", "Too many concurrent requests", version)
-        return req, voice
+        return req, voice, version
 
     async def paced(self, rendered: Rendered, fmt: OutputFormat) -> AsyncIterator[tuple[int, bytes]]:
         """Yield (start_byte, chunk) with the latency model applied (TTFB, RTF)."""
@@ -106,11 +110,10 @@ class HttpTts:
                 await asyncio.sleep(max(0.0, due - loop.time()))
 
     async def tts_bytes(self, request: web.Request) -> web.StreamResponse:
-        version = version_of(request)
-        parsed = await self.parse(request, version)
+        parsed = await self.parse(request)
         if isinstance(parsed, web.Response):
             return parsed
-        req, voice = parsed
+        req, voice, version = parsed
         fmt = req.output_format
         state = self.services.state
         state.context_started()
@@ -130,11 +133,10 @@ class HttpTts:
             state.context_finished(None)
 
     async def tts_sse(self, request: web.Request) -> web.StreamResponse:
-        version = version_of(request)
-        parsed = await self.parse(request, version)
+        parsed = await self.parse(request)
         if isinstance(parsed, web.Response):
             return parsed
-        req, voice = parsed
+        req, voice, version = parsed
         fmt = req.output_format
         if fmt.container != "raw":
             return http_error(400, "output_format.container must be 'raw' for SSE", "invalid_request",

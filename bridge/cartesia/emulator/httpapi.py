@@ -19,7 +19,8 @@ import orjson
 from aiohttp import web
 
 from ...logs import log_event
-from ..protocol import DEFAULT_VERSION, uses_structured_errors
+from ..protocol import DEFAULT_VERSION, ErrorMessage, uses_structured_errors
+from .versions import VersionRules, rules_for
 
 logger = logging.getLogger("bridge.cartesia.emulator")
 
@@ -34,6 +35,15 @@ def version_of(request: web.Request) -> str:
     return request.query.get("cartesia_version") or request.headers.get("Cartesia-Version") or DEFAULT_VERSION
 
 
+def rules_of(request: web.Request) -> VersionRules | web.Response:
+    """The request's version rules, or the 400 naming the bad version."""
+    version = version_of(request)
+    try:
+        return rules_for(version)
+    except ValueError as exc:
+        return http_error(400, str(exc), "invalid_request", "Invalid version", DEFAULT_VERSION)
+
+
 def json_response(obj: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
 
@@ -45,7 +55,7 @@ def http_error(status: int, message: str, code: str | None, title: str | None, v
         body = {"error_code": code, "title": title or "Error", "message": message,
                 "request_id": str(uuid.uuid4()), "status_code": status}
     else:
-        body = {"error": f"{title}: {message}" if title else message, "status_code": status}
+        body = {"error": ErrorMessage(None, status, message, code, title).description, "status_code": status}
     return json_response(body, status)
 
 

@@ -27,7 +27,7 @@ from ...logs import log_event
 from ..protocol import DEFAULT_VERSION
 from .connection import MAX_MESSAGE_BYTES, Connection, Services, serve_websocket
 from .http_tts import HttpTts
-from .httpapi import Authenticator, http_error, json_response, version_of
+from .httpapi import Authenticator, http_error, json_response, rules_of, version_of
 from .settings import EmulatorSettings
 from .state import ContextRecord, EmulatorState
 from .stt import RecordingToneSynth, SttService
@@ -202,7 +202,10 @@ class Emulator:
     # --------------------------------------------------------------- handlers
 
     async def tts_websocket(self, request: web.Request) -> web.StreamResponse:
-        version = version_of(request)
+        rules = rules_of(request)
+        if isinstance(rules, web.Response):
+            return rules
+        version = rules.version
         denied = self.auth.check(request, version)
         if denied is not None:
             return denied
@@ -212,7 +215,7 @@ class Emulator:
             return http_error(429, f"Too many WebSocket connections (limit {limit}).",
                               "connection_limited", "Too many connections", version)
         self.next_connection_id += 1
-        return await serve_websocket(self.services, request, self.next_connection_id, version, self.live)
+        return await serve_websocket(self.services, request, self.next_connection_id, rules, self.live)
 
     async def access_token(self, request: web.Request) -> web.Response:
         version = version_of(request)

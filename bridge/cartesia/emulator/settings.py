@@ -1,15 +1,11 @@
-"""Emulator settings (every CLI flag) and the model-id rule."""
+"""Emulator settings: every CLI flag, with units and limits."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Final
 
 from .faults import FaultSettings
-
-#: sonic, sonic-2, sonic-turbo, sonic-3, sonic-3.5, sonic-latest, plus dated snapshots.
-MODEL_RE: Final = re.compile(r"^sonic(?:-2|-turbo|-3|-3\.5|-latest)?(?:-\d{4}-\d{2}-\d{2})?$")
 
 VOICE_BACKENDS: Final = ("tone", "espeak")
 
@@ -29,10 +25,6 @@ class SttSettings:
             raise ValueError("stt idle_timeout_s must be > 0")
         if self.max_concurrency is not None and self.max_concurrency < 0:
             raise ValueError("stt max_concurrency must be >= 0")
-
-
-def valid_model(model_id: str) -> bool:
-    return bool(MODEL_RE.match(model_id))
 
 
 @dataclass(slots=True)

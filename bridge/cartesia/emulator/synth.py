@@ -9,6 +9,8 @@ espeak voices render on espeak's worker thread and come back as a future.
 from __future__ import annotations
 
 import asyncio
+import struct
+import zlib
 from typing import Final
 
 from ..protocol import GenerationRequest, OutputFormat, RequestError
@@ -50,6 +52,20 @@ class Synthesizer:
             f"voice {voice_id!r} not found (GET /voices lists the emulator's voices)",
             field="voice", context_id=context_id, error_code="voice_not_found", title="Invalid voice",
         )
+
+    def voice_of(self, req: GenerationRequest) -> Voice:
+        """The voice a request names: by id, or derived from its embedding."""
+        if req.voice_embedding is not None:
+            return self.voice_for_embedding(req.voice_embedding)
+        return self.voice_for(req.voice_id, req.context_id or None)
+
+    def voice_for_embedding(self, embedding: tuple[float, ...]) -> Voice:
+        """A tone voice derived from an embedding: same floats, same voice (pitch from their crc32)."""
+        crc = zlib.crc32(struct.pack(f"<{len(embedding)}d", *embedding))
+        # Odd offsets in -119..+239 Hz: the catalogue's span, never one of its (even) pitches.
+        pitch = 2 * (crc % 180) - 119
+        return Voice(f"embedding-{crc:08x}", "Embedding voice", "tone", "derived from a voice embedding",
+                     "gender_neutral", param=str(pitch))
 
     def renders_in_thread(self, voice: Voice) -> bool:
         """True when ``voice`` renders on espeak's thread (``render_later``), else ``render_now``."""

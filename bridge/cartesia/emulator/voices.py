@@ -92,14 +92,24 @@ ESPEAK_VOICES: Final = (
     Voice("9e3d6c1e-1b4f-4f7e-8a2c-3d5b7e9f0a02", "eSpeak US Female", "espeak", "espeak-ng en-us+f3", "feminine", param="en-us+f3"),
     Voice("9e3d6c1e-1b4f-4f7e-8a2c-3d5b7e9f0a03", "eSpeak UK", "espeak", "espeak-ng en-gb", "masculine", "en", "en-GB", param="en-gb"),
 )
+#: Real Cartesia voice ids that clients send by default, spoken by tone voices, so a client
+#: used with its default options gets audio: the official SDK's README and its 3.x/4.x
+#: ``no_more_inputs`` fallback (6ccbfb76…); Katie and Jameson, the docs' voice-agent picks
+#: (Katie is livekit-plugins-cartesia's default); the docs' WebSocket example (a0e99841…).
+CARTESIA_VOICES: Final = (
+    Voice("6ccbfb76-1fc6-48f7-b71d-91ac6298247b", "SDK example voice (emulated)", "tone", "Official SDK README voice, emulated", "feminine", param="60"),
+    Voice("f786b574-daa5-4673-aa0c-cbe3e8534c02", "Katie (emulated)", "tone", "Docs voice-agent pick, emulated", "feminine", param="120"),
+    Voice("a5136bf9-224c-4d76-b823-52bd5efcffcc", "Jameson (emulated)", "tone", "Docs voice-agent pick, emulated", "masculine", param="-60"),
+    Voice("a0e99841-438c-4a64-b679-ae501e7d6091", "Docs example voice (emulated)", "tone", "Docs WebSocket example voice, emulated", "masculine", param="-90"),
+)
 #: The voice tests and the bridge use by default (tone backend).
 DEFAULT_VOICE_ID: Final = TONE_VOICES[0].id
 DEFAULT_ESPEAK_VOICE_ID: Final = ESPEAK_VOICES[0].id
 
 
 def catalogue(backend: str) -> dict[str, Voice]:
-    """Voices usable with ``backend``: tone always; espeak adds its own."""
-    voices = list(TONE_VOICES)
+    """Voices usable with ``backend``: tone (and the emulated Cartesia ids) always; espeak adds its own."""
+    voices = list(TONE_VOICES) + list(CARTESIA_VOICES)
     if backend == "espeak":
         voices = list(ESPEAK_VOICES) + voices
     return {v.id: v for v in voices}
