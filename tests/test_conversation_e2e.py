@@ -209,3 +209,34 @@ async def test_play_fetches_allowlisted_audio_once(make_bridge: BridgeFactory, r
         await call.hangup()
     finally:
         await runner.cleanup()
+
+
+async def test_stt_socket_lost_mid_turn_replays_the_turn(make_bridge: BridgeFactory,
+                                                        relay_agent: RelayAgent) -> None:
+    from bridge.cartesia.emulator import EmulatorSettings
+    from bridge.cartesia.emulator.faults import parse_faults
+    from bridge.cartesia.emulator.settings import SttSettings
+
+    # Each STT socket is closed by the emulator after its 8th transcript: the long first turn's interims
+    # and final use about 7, so the first socket dies in the middle of the short second turn, whose
+    # replay on the next socket needs fewer than 8.
+    settings = EmulatorSettings(ttfb_ms=5, rtf=0.05, stt=SttSettings(faults=parse_faults(["close-after-chunks=8"])))
+    bridge = await make_bridge({"AGENT_URL": relay_agent.url, "RELAY_SPEECH_TIMEOUT": "400", "STT_SEND_INTERVAL_MS": "20"},
+                               emulator_settings=settings)
+    relay_agent.auth_token = bridge.token
+    relay_agent.reply = lambda _prompt: None  # keep the line quiet: only the caller speaks
+    call = bridge.call()
+    await call.place()
+    await call.connect()
+    await relay_agent.next("setup")
+    await _say(bridge, call, "please call me back tomorrow morning")
+    first = await relay_agent.next("prompt", 15)
+    assert first["voicePrompt"] == "please call me back tomorrow morning"
+    n = len(relay_agent.received)
+    await _say(bridge, call, "hello there")
+    second = await relay_agent.next("prompt", 15, after=n)
+    assert second["voicePrompt"] == "hello there", "the turn survived the lost socket"
+    assert not relay_agent.of_type("error"), "nothing was lost, so the agent hears of no error"
+    samples = await bridge.metrics()
+    assert value(samples, "bridge_stt_reconnects_total") >= 1
+    await call.hangup()
