@@ -84,6 +84,8 @@ MAX_PENDING_REQUESTS: Final = 10_000
 MAX_MERGED_CHARS: Final = 1000
 #: Longest a call waits for queued speech to finish playing before hanging up.
 END_PLAYOUT_GRACE_S: Final = 15.0
+#: Bad Twilio messages logged per call before only every 1000th is (the metric counts them all).
+BAD_INPUT_LOG_LINES: Final = 20
 
 
 def _retry_cause(exc: ContextError) -> str:
@@ -119,6 +121,7 @@ class CallSession:
         self.started = False
         self.closed = False
         self.connected_at = time.monotonic()
+        self._bad_inputs = 0  # this call's bad Twilio messages so far (all counted, few logged)
         # Per-frame counts, added to the shared counters by ``flush_metrics``
         # (before every /metrics render and at call end): no locked inc per frame.
         self._n_frames_in = 0
@@ -147,7 +150,10 @@ class CallSession:
 
     def _bad_input(self, kind: str, detail: str) -> None:
         self.metrics.bad_input.labels(source="twilio", kind=kind).inc()
-        self._log("twilio_bad_input", logging.WARNING, kind=kind, detail=detail[:200])
+        # A peer sending garbage must not flood the log: the first lines of a call, then every 1000th.
+        self._bad_inputs += 1
+        if self._bad_inputs <= BAD_INPUT_LOG_LINES or self._bad_inputs % 1000 == 0:
+            self._log("twilio_bad_input", logging.WARNING, kind=kind, detail=detail[:200], count=self._bad_inputs)
 
     # ------------------------------------------------------------ main loop
 

@@ -25,6 +25,7 @@ from aiohttp import web
 from yarl import URL
 
 from bridge import server as server_module
+from bridge import session as session_module
 from bridge.agent.link import agent_url_allowed, loggable_url
 from bridge.cartesia.emulator import DEFAULT_VOICE_ID, Emulator
 from bridge.config import Config
@@ -492,3 +493,24 @@ async def test_a_webhook_body_that_trickles_in_is_cut_off(make_bridge: BridgeFac
     writer.close()
     samples = await bridge.metrics()
     assert value(samples, "bridge_webhooks_total", result="body_timeout") == 1
+
+
+async def test_a_caller_sending_garbage_cannot_flood_the_log(make_bridge: BridgeFactory,
+                                                             bridge_log: io.StringIO) -> None:
+    bridge = await make_bridge()
+    call = bridge.call()
+    await call.place()
+    await call.connect()
+    assert await call.wait_until(lambda: call.record.media_bytes > 0, 10)
+    for _ in range(2001):
+        await call.send_raw("{")
+    assert await wait_for(lambda: bridge.server.metrics.bad_input.labels(source="twilio",
+                                                                          kind="malformed_json")._value.get() == 2001, 10)
+    lines = [e for e in _json_lines(bridge_log.getvalue()) if e["event"] == "twilio_bad_input"]
+    assert len(lines) == session_module.BAD_INPUT_LOG_LINES + 2  # the first ones, then the 1000th and 2000th
+    assert lines[-1]["count"] == 2000
+    # The call goes on.
+    before = call.record.media_bytes
+    await call.send_dtmf("9")
+    assert await call.wait_until(lambda: call.record.media_bytes > before, 10)
+    await call.hangup()
