@@ -125,6 +125,8 @@ Action = Union[ToTwilio, ToCartesia, CancelCartesia, ToAgent, EndCall, ResumeLat
 MAX_RESUMES = 5
 #: First 429 back-off (doubles per retry, plus up to 50 % jitter), seconds.
 BACKOFF_BASE_S = 0.2
+#: Bad agent messages logged per call before only every 1000th is (each still gets ``error``).
+BAD_MESSAGE_LOG_LINES = 20
 #: Word timestamps beyond this (seconds into one utterance) are refused as nonsense.
 MAX_TIMESTAMP_S = 3600.0
 #: Audio received without any word timestamp before the horizon is given up (bytes = 500 ms).
@@ -296,6 +298,7 @@ class CallCore:
         self.prompt_sent_at: float | None = None
         self.agent_speaking = False  # for info agentSpeaking on/off
         self.prompts = 0
+        self.bad_agent_messages = 0  # all counted in the metric; the first few and every 1000th logged
 
     # ------------------------------------------------------------- helpers
 
@@ -563,7 +566,10 @@ class CallCore:
             msg = agent_proto.parse_agent_message(raw)
         except agent_proto.AgentMessageError as exc:
             self.metrics.bad_input.labels(source="agent", kind="invalid_message").inc()
-            self._log("agent_bad_message", logging.WARNING, error=str(exc))
+            self.bad_agent_messages += 1
+            n = self.bad_agent_messages
+            if n <= BAD_MESSAGE_LOG_LINES or n % 1000 == 0:  # a hostile agent cannot flood the log
+                self._log("agent_bad_message", logging.WARNING, error=str(exc)[:300], count=n)
             return [ToAgent(agent_proto.error_message(str(exc)))]
         if isinstance(msg, agent_proto.Text):
             return self.speak(msg.token, last=msg.last, now=now, interruptible=msg.interruptible,

@@ -29,8 +29,7 @@ async def _serve(config: Config, host: str, port: int) -> int:
     from bridge.server import BridgeServer
 
     server = BridgeServer(config)
-    app = server.app()
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
+    runner = server.make_runner(handle_signals=False, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()

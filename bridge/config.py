@@ -49,6 +49,7 @@ ENV_VARS: Final[dict[str, tuple[str | None, str]]] = {
     "MEDIA_MAX_UNSTARTED": (None, "media WebSockets upgraded but not yet sent `start` (default MAX_CALLS: a burst of "
                             "real calls never trips it); beyond it the oldest is closed"),
     "MEDIA_START_TIMEOUT_S": ("10", "a media WebSocket that sends no `start` within this is closed"),
+    "HTTP_IDLE_TIMEOUT_S": ("75", "an HTTP connection with no complete request for this long is closed"),
     "PLAYOUT_LEAD_MS": (str(PLAYOUT_LEAD_MS), "audio sent ahead of what the caller has heard, at most"),
     "PLAYOUT_MARK_INTERVAL_MS": ("100", "a Twilio mark every this many ms of audio"),
     "PLAYOUT_MAX_BUFFER_MS": ("60000", "per-call buffer of audio not yet sent; beyond it the utterance is cut"),
@@ -105,6 +106,7 @@ class Config:
     max_calls: int = 500
     media_max_unstarted: int = 500
     media_start_timeout_s: float = 10.0
+    http_idle_timeout_s: float = 75.0
     playout_lead_ms: int = PLAYOUT_LEAD_MS
     playout_mark_interval_ms: int = 100
     playout_max_buffer_ms: int = 60_000
@@ -258,6 +260,7 @@ class Config:
             media_max_unstarted=(as_int("MEDIA_MAX_UNSTARTED", 1, 100_000) if get("MEDIA_MAX_UNSTARTED") is not None
                                  else as_int("MAX_CALLS", 1, 100_000)),
             media_start_timeout_s=as_float("MEDIA_START_TIMEOUT_S", 0.1, 600.0),
+            http_idle_timeout_s=as_float("HTTP_IDLE_TIMEOUT_S", 0.1, 3600.0),
             playout_lead_ms=lead,
             playout_mark_interval_ms=interval,
             playout_max_buffer_ms=as_int("PLAYOUT_MAX_BUFFER_MS", 1000, 600_000),

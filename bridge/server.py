@@ -52,6 +52,8 @@ from telephony.twiml import connect_stream, say_and_hangup
 
 log = logging.getLogger("bridge.server")
 
+#: Longest a webhook's body may take to arrive (it is < 2 KB and sent at once by Twilio), s.
+WEBHOOK_BODY_TIMEOUT_S: Final = 10.0
 #: The event-loop lag monitor sleeps this long and records the overshoot.
 LAG_PROBE_INTERVAL_S: Final = 0.1
 #: aiohttp's own hard cap; messages between 64 KiB and this are rejected by
@@ -151,6 +153,11 @@ class BridgeServer:
         app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
         return app
+
+    def make_runner(self, **kwargs: Any) -> web.AppRunner:
+        """The app's runner. ``keepalive_timeout`` also closes a connection that never completes a
+        request (half-open headers): aiohttp's own default for a bare runner is an hour."""
+        return web.AppRunner(self.app(), keepalive_timeout=self.config.http_idle_timeout_s, **kwargs)
 
     async def _on_startup(self, _app: web.Application) -> None:
         await self.startup()
@@ -307,7 +314,16 @@ class BridgeServer:
     # --------------------------------------------------------------- routes
 
     async def _check_webhook_signature(self, request: web.Request, path: str, endpoint: str) -> dict[str, str]:
-        form = {k: str(v) for k, v in (await request.post()).items()}
+        try:
+            # A body trickled in byte by byte would hold this handler forever: Twilio sends it at once.
+            async with asyncio.timeout(WEBHOOK_BODY_TIMEOUT_S):
+                body = await request.post()
+        except TimeoutError:
+            self.metrics.webhooks.labels(result="body_timeout").inc()
+            log_event(log, "webhook_body_timeout", logging.WARNING, endpoint=endpoint, remote=request.remote,
+                      timeout_s=WEBHOOK_BODY_TIMEOUT_S)
+            raise web.HTTPRequestTimeout(text="request body too slow") from None
+        form = {k: str(v) for k, v in body.items()}
         url = self.config.public(path)
         raw_query = request.rel_url.raw_query_string  # as Twilio signed it (still percent-encoded)
         if raw_query:

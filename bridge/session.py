@@ -80,6 +80,8 @@ log = logging.getLogger("bridge.session")
 END_PLAYOUT_GRACE_S: Final = 15.0
 #: How often a call that is ending checks whether its speech has played.
 END_PLAYOUT_POLL_S: Final = 0.05
+#: Bad Twilio messages logged per call before only every 1000th is (the metric counts them all).
+BAD_INPUT_LOG_LINES: Final = 20
 
 
 class CallHangUp(Protocol):
@@ -137,6 +139,7 @@ class CallSession:
         self.started = False
         self.closed = False
         self.connected_at = time.monotonic()
+        self._bad_inputs = 0  # this call's bad Twilio messages so far (all counted, few logged)
         # Per-frame counts, added to the shared counters by ``flush_metrics``
         # (before every /metrics render and at call end): no locked inc per frame.
         self._n_frames_in = 0
@@ -176,7 +179,10 @@ class CallSession:
 
     def on_bad_input(self, kind: str, detail: str) -> None:
         self.metrics.bad_input.labels(source="twilio", kind=kind).inc()
-        self._log("twilio_bad_input", logging.WARNING, kind=kind, detail=detail[:200])
+        # A peer sending garbage must not flood the log: the first lines of a call, then every 1000th.
+        self._bad_inputs += 1
+        if self._bad_inputs <= BAD_INPUT_LOG_LINES or self._bad_inputs % 1000 == 0:
+            self._log("twilio_bad_input", logging.WARNING, kind=kind, detail=detail[:200], count=self._bad_inputs)
 
     def on_stream_broken(self, outcome: str | None) -> None:
         if outcome is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -23,9 +24,14 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
+from bridge import server as server_module
+from bridge import session as session_module
 from bridge.agent.link import agent_url_allowed, loggable_url
+from bridge.cartesia.emulator import DEFAULT_VOICE_ID, Emulator
+from bridge.config import Config
 from bridge.demo import free_port
 from bridge.logs import JsonFormatter
+from bridge.server import BridgeServer
 from metrics.scrape import value
 from telephony.signature import sign
 
@@ -452,3 +458,59 @@ async def test_refusals_are_logged_as_structured_events(make_bridge: BridgeFacto
     events = [e for e in _json_lines(bridge_log.getvalue()) if e["event"] == "media_stream_refused"]
     assert sorted(e["reason"] for e in events) == ["start_timeout", "unstarted_limit"]
     assert all(e["remote"] == "127.0.0.1" for e in events)
+
+
+async def test_a_half_open_http_connection_is_closed_after_the_idle_timeout(emulator: Emulator) -> None:
+    port = free_port()
+    server = BridgeServer(Config.from_env({
+        "PUBLIC_URL": f"http://127.0.0.1:{port}", "CARTESIA_URL": emulator.url, "CARTESIA_API_KEY": "sk_car_test",
+        "CARTESIA_VOICE_ID": DEFAULT_VOICE_ID, "TWILIO_AUTH_TOKEN": TWILIO_SECRET, "HTTP_IDLE_TIMEOUT_S": "0.5"}))
+    runner = server.make_runner(access_log=None, shutdown_timeout=2.0)  # as `media-bridge serve` makes it
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /twilio/voice HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b"", "the bridge closes the connection"
+        assert time.monotonic() - t0 < 3
+        writer.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_webhook_body_that_trickles_in_is_cut_off(make_bridge: BridgeFactory,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_module, "WEBHOOK_BODY_TIMEOUT_S", 0.3)
+    bridge = await make_bridge()
+    port = int(bridge.base_url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /twilio/voice HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                 b"Content-Length: 1000\r\n\r\nCallSid=CA1")  # 11 of 1000 bytes, then silence
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    assert status_line.startswith(b"HTTP/1.1 408"), status_line
+    writer.close()
+    samples = await bridge.metrics()
+    assert value(samples, "bridge_webhooks_total", result="body_timeout") == 1
+
+
+async def test_a_caller_sending_garbage_cannot_flood_the_log(make_bridge: BridgeFactory,
+                                                             bridge_log: io.StringIO) -> None:
+    bridge = await make_bridge()
+    call = bridge.call()
+    await call.place()
+    await call.connect()
+    assert await call.wait_until(lambda: call.record.media_bytes > 0, 10)
+    for _ in range(2001):
+        await call.send_raw("{")
+    assert await wait_for(lambda: bridge.server.metrics.bad_input.labels(source="twilio",
+                                                                          kind="malformed_json")._value.get() == 2001, 10)
+    lines = [e for e in _json_lines(bridge_log.getvalue()) if e["event"] == "twilio_bad_input"]
+    assert len(lines) == session_module.BAD_INPUT_LOG_LINES + 2  # the first ones, then the 1000th and 2000th
+    assert lines[-1]["count"] == 2000
+    # The call goes on.
+    before = call.record.media_bytes
+    await call.send_dtmf("9")
+    assert await call.wait_until(lambda: call.record.media_bytes > before, 10)
+    await call.hangup()
