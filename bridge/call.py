@@ -41,11 +41,12 @@ from bridge.cartesia.protocol import (
     WordTimestamps,
 )
 from bridge.cartesia.stt_protocol import SttError, SttFlushDone, SttServerMessage, SttTranscript, SttTurnEvent
+from bridge.defaults import PLAYOUT_LEAD_MS
 from bridge.hearing import FinalizeDue, HearingEvent, PartialText, SpeechStarted, TurnComplete, TurnTracker
 from bridge.logs import log_event
 from bridge.playout import Playout, PlayoutGap, SendMark
 from metrics import BridgeMetrics
-from telephony.media import FRAME_BYTES, FRAME_MS, OutboundEncoder, Start
+from telephony.media import FRAME_BYTES, OutboundEncoder, Start
 
 log = logging.getLogger("bridge.call")
 
@@ -145,7 +146,7 @@ class CallSettings:
     model_id: str
     voice_id: str
     language: str
-    lead_ms: int = 300
+    lead_ms: int = PLAYOUT_LEAD_MS
     mark_interval_ms: int = 100
     max_buffer_ms: int = 60_000
     max_buffer_delay_ms: int | None = 0
@@ -1066,7 +1067,3 @@ class CallCore:
         self.contexts.clear()
         self.current = None
         return out
-
-    @property
-    def frame_ms(self) -> int:
-        return FRAME_MS

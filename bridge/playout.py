@@ -48,6 +48,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Final, Union
 
+from bridge.defaults import PLAYOUT_LEAD_MS
 from telephony.media import BYTES_PER_MS, FRAME_BYTES, MULAW_SILENCE
 
 _SILENCE_FRAME: Final = bytes([MULAW_SILENCE]) * FRAME_BYTES
@@ -67,13 +68,8 @@ class UtteranceAudio:
     sent_bytes: int = 0  # including padding
     finished: bool = False
     start_pos: int | None = None  # sent-timeline position of its first byte
-    end_mark: str | None = None
     #: monotonic s since which ``pending`` has held at least one whole frame (None: it has not)
     sendable_since: float | None = None
-
-    @property
-    def padding_bytes(self) -> int:
-        return self.sent_bytes - self.received_bytes if self.finished else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +125,7 @@ class Playout:
     def __init__(
         self,
         *,
-        lead_ms: int = 300,
+        lead_ms: int = PLAYOUT_LEAD_MS,
         mark_interval_ms: int = 100,
         max_buffer_ms: int = 60_000,
         max_message_ms: int = 200,
@@ -144,7 +140,6 @@ class Playout:
         self.played = 0
         self.buffered_bytes = 0  # unsent bytes across utterances
         self.overflow_bytes = 0
-        self.flushed_marks = 0
         self.unknown_marks = 0
         self._utterances: deque[UtteranceAudio] = deque()
         self._by_id: dict[str, UtteranceAudio] = {}
@@ -280,7 +275,6 @@ class Playout:
                 if utt.start_pos is None:
                     continue  # produced no audio at all
                 mark = self._new_mark(now, utt.utterance_id)
-                utt.end_mark = mark.name
                 self._awaiting_end[mark.name] = utt
                 out.append(mark)
                 continue
@@ -307,7 +301,6 @@ class Playout:
         """A Twilio mark echo: advance the played cursor (or count a flush)."""
         if name in self._flushed:
             self._flushed.discard(name)
-            self.flushed_marks += 1
             return MarkResult("flushed")
         if name not in self._marks:
             self.unknown_marks += 1
@@ -369,11 +362,6 @@ class Playout:
             if utt.start_pos is not None:
                 return utt
         return None
-
-    @property
-    def unplayed_ms(self) -> int:
-        """Audio sent to Twilio and not yet confirmed played."""
-        return (self.sent - self.played) // BYTES_PER_MS
 
     @property
     def outstanding_marks(self) -> int:

@@ -5,18 +5,14 @@ actions it returns to the peer they are for. It owns one collaborator per
 peer, each created for this call and each calling back into the session
 through a small owner protocol the session implements:
 
-=============  ==========================================  ==========================
-peer           collaborator (module)                        owner protocol (callbacks)
-=============  ==========================================  ==========================
-Twilio         ``TwilioStream`` (telephony/stream_socket)  ``StreamOwner``
-Cartesia TTS   ``CallContexts`` (bridge/cartesia/contexts)  ``ContextOwner``
-Cartesia STT   ``SttStream`` (bridge/cartesia/stt_client)   ``SttListener``
-agent          ``AgentLink`` via ``AgentConnector``         ``deliver`` / ``closed``
-=============  ==========================================  ==========================
+* Twilio: ``TwilioStream`` (``telephony/stream_socket.py``), owner protocol ``StreamOwner``;
+* Cartesia TTS: ``CallContexts`` (``bridge/cartesia/contexts.py``), owner protocol ``ContextOwner``;
+* Cartesia STT: ``SttStream`` (``bridge/cartesia/stt_client.py``), owner protocol ``SttListener``;
+* the agent: an ``AgentLink`` from the ``AgentConnector``, callbacks ``deliver`` and ``closed``.
 
 Process-wide services (settings, metrics, the call registry, the agent
-connector, the Cartesia pool, REST call control) come in one
-``CallServices``; a new peer (speech-to-text, say) is one more factory there,
+connector, the Cartesia pool and STT factory, REST call control, ``play``
+fetches) come in one ``CallServices``; a new peer is one more factory there,
 one more collaborator attribute here, its owner callbacks and its actions in
 ``_execute``, and its ``close`` in ``_release_everything``.
 
@@ -54,7 +50,7 @@ from bridge.call import (
     ToTwilio,
 )
 from bridge.cartesia.client import CartesiaPool
-from bridge.cartesia.contexts import CallContexts
+from bridge.cartesia.contexts import CallContexts, ContextOwner
 from bridge.cartesia.protocol import ServerMessage
 from bridge.cartesia.stt_client import SttStream, SttUnavailable
 from bridge.cartesia.stt_protocol import SttParams, SttServerMessage
@@ -98,8 +94,8 @@ class CallServices:
     metrics: BridgeMetrics
     registry: CallRegistry[CallSession]
     agents: AgentConnector
-    #: The call's Cartesia contexts, on the shared pool.
-    tts: Callable[[CallSession], CallContexts]
+    #: Makes a call's Cartesia contexts (on the shared pool) for their owner.
+    tts: Callable[[ContextOwner], CallContexts]
     fallback_line: str
     call_control: CallHangUp | None = None
     #: The call's Cartesia STT socket (speech in); None = no speech recognition in this process.
@@ -112,9 +108,9 @@ class CallServices:
 
     @staticmethod
     def tts_on(pool: CartesiaPool, metrics: BridgeMetrics, *, admission_timeout_s: float,
-               context_timeout_s: float) -> Callable[[CallSession], CallContexts]:
+               context_timeout_s: float) -> Callable[[ContextOwner], CallContexts]:
         """A ``tts`` factory: each call's contexts on ``pool``."""
-        def open_contexts(owner: CallSession) -> CallContexts:
+        def open_contexts(owner: ContextOwner) -> CallContexts:
             return CallContexts(pool, owner, metrics, admission_timeout_s=admission_timeout_s,
                                 context_timeout_s=context_timeout_s)
         return open_contexts
