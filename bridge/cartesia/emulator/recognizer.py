@@ -48,7 +48,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
-from .vocabulary import RANK_RENDERED, VOICE_OFFSETS, Vocabulary
+from .vocabulary import RANK_RENDERED, VOICE_OFFSETS
+from .vocabulary import Vocabulary as Vocabulary  # re-exported: what StreamingRecognizer takes
 
 _LITTLE: Final = sys.byteorder == "little"
 WINDOW_MS: Final = 5
