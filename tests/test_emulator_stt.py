@@ -147,6 +147,24 @@ def test_vocabulary_prunes_identical_sounding_builtin_words_and_prefers_rendered
     assert vocabulary.rendered() == ["fox"]
 
 
+def test_an_abrupt_tone_is_no_word_even_at_a_words_pitch_and_length() -> None:
+    import audioop
+    import math
+
+    from bridge.cartesia.emulator.voices import tone_word_frequency
+    from telephony.simulator import SPEECH_FRAME
+
+    vocabulary, fmt = Vocabulary(), OutputFormat("pcm_mulaw", 8000)
+    vocabulary.add_rendered("hello")
+    word = ToneSynth().render("hello", fmt, TONE_VOICES[0])
+    assert [w.word for w in recognize(word.audio, "pcm_mulaw", 8000, vocabulary)] == ["hello"]
+    freq, n = tone_word_frequency("hello", 0), word.words[0][2]
+    beep = array.array("h", [int(9000 * math.sin(2 * math.pi * freq * i / 8000)) for i in range(n)])
+    assert recognize(audioop.lin2ulaw(beep.tobytes(), 2) + MULAW_SILENCE * 800, "pcm_mulaw", 8000, vocabulary) == []
+    # The simulated caller's speak() tone (300 Hz, abrupt) is not heard, whatever the vocabulary.
+    assert recognize(SPEECH_FRAME * 25 + MULAW_SILENCE * 800, "pcm_mulaw", 8000, vocabulary) == []
+
+
 def test_noise_silence_and_clicks_give_no_words() -> None:
     import audioop
 

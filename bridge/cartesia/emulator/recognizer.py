@@ -17,7 +17,8 @@ burst carries two numbers: its frequency and its length. Recognition:
    (``tone_word_ms / burst length``), which must lie in ``SPEED_RANGE_PCT``; each is
    checked with the Goertzel power at its own frequency (normalised to the burst's
    energy, 1.0 for a pure tone), and a burst that is not a clean tone
-   (``MIN_TONALITY``) is skipped: noise, clicks, espeak speech.
+   (``MIN_TONALITY``) or does not fade in and out as a tone word does (5 ms ramps) is
+   skipped: noise, clicks, beeps, the simulator's ``speak`` tone, espeak speech.
 4. **Decode** the pending bursts jointly: one voice speaks at one speed, so the
    (pitch offset, speed) that explains most bursts (rendered words counting more than
    built-in ones) wins and picks each burst's word; ties go to the voice and speed heard
@@ -48,7 +49,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
-from .vocabulary import RANK_RENDERED, VOICE_OFFSETS, Vocabulary
+from .vocabulary import RANK_RENDERED, VOICE_OFFSETS
+from .vocabulary import Vocabulary as Vocabulary  # re-exported: what StreamingRecognizer takes
 
 _LITTLE: Final = sys.byteorder == "little"
 WINDOW_MS: Final = 5
@@ -60,6 +62,10 @@ DEFAULT_MIN_RMS: Final = 300
 EDGE_FLOOR: Final = 24
 #: The ramps of a tone word (ms): left out of the frequency and Goertzel analysis.
 RAMP_MS: Final = 6
+#: A tone word's linear fade in/out (ms, not scaled by speed; ``voices._RAMP_MS``).
+TONE_RAMP_MS: Final = 5
+#: Over the first/last half ramp a tone word stays under half its steady level; an abrupt tone does not.
+RAMP_LEVEL: Final = 0.7
 MIN_BURST_MS: Final = 20
 #: A longer burst is cut here and analysed as it is (a tone word at speed 0.45 is < 3.5 s).
 MAX_BURST_MS: Final = 4000
@@ -196,7 +202,7 @@ def analyse_burst(pcm: bytes, start: int, rate: int, vocabulary: Vocabulary) -> 
     if len(steady) > GOERTZEL_MAX_SAMPLES:
         skip = (len(steady) - GOERTZEL_MAX_SAMPLES) // 2
         middle = steady[skip : skip + GOERTZEL_MAX_SAMPLES]
-    if goertzel_tonality(middle, freq, rate) < MIN_TONALITY:
+    if goertzel_tonality(middle, freq, rate) < MIN_TONALITY or not _ramped(samples, lo, hi, middle, rate):
         return Burst(burst_start, burst_end, freq)
     candidates: list[Candidate] = []
     tonality_at: dict[int, float] = {}
@@ -210,6 +216,17 @@ def analyse_burst(pcm: bytes, start: int, rate: int, vocabulary: Vocabulary) -> 
         if tonality_at[f] >= MIN_TONALITY:
             candidates.append(Candidate(entry.text, entry.offset, speed, entry.rank, tonality_at[f], entry.seq))
     return Burst(burst_start, burst_end, freq, tuple(candidates))
+
+
+def _ramped(samples: array.array[int], lo: int, hi: int, middle: array.array[int], rate: int) -> bool:
+    """Whether the burst fades in and out as a tone word does (5 ms linear ramps): over the
+    first and last half ramp the level stays well under the steady level. A tone that starts
+    abruptly (the simulator's ``speak``, a beep) is no word, whatever its pitch and length."""
+    half = max(1, TONE_RAMP_MS * rate // 2000)
+    steady = max(abs(x) for x in middle)
+    head = max(abs(x) for x in samples[lo : lo + half])
+    tail = max(abs(x) for x in samples[hi - half + 1 : hi + 1])
+    return head <= RAMP_LEVEL * steady and tail <= RAMP_LEVEL * steady
 
 
 def _agrees(c: Candidate, offset: int, speed: float) -> bool:
