@@ -6,7 +6,15 @@ from __future__ import annotations
 import itertools
 
 from bridge.agent.relay_settings import RelaySettings
-from bridge.call import CallCore, CallSettings, CancelCartesia, FetchPlay, PlayDigits, SttFinalize, SttReconfigure
+from bridge.call import (
+    CallCore,
+    CallSettings,
+    CancelCartesia,
+    FetchPlay,
+    PlayDigits,
+    SttFinalize,
+    SttReconfigure,
+)
 from bridge.cartesia.protocol import Done
 from bridge.cartesia.stt_protocol import SttFlushDone, SttTranscript
 from metrics import BridgeMetrics
