@@ -104,10 +104,14 @@ async def test_wrong_key_is_loud_and_recovers(make_bridge: BridgeFactory, caplog
         text = logged(caplog)
         for secret in (BRIDGE_KEY, BRIDGE_KEY[:8], "sk_car_the_key_cartesia_expects"[:8]):
             assert secret not in text, f"{secret!r} reached the logs"
-        assert "readiness_changed" not in text or "cartesia_unavailable" in text
+        changes = [r for r in caplog.records if r.getMessage() == "readiness_changed"]
+        assert [(r.levelno, r.__dict__["reason"]) for r in changes] == [(logging.ERROR, "cartesia_unavailable")]
 
         emu.auth.api_key = BRIDGE_KEY  # the key is fixed (e.g. the secret rotated): Cartesia accepts it
-        await assert_serves_a_call(bridge)
+        with caplog.at_level(logging.INFO):
+            await assert_serves_a_call(bridge)
+        changes = [r for r in caplog.records if r.getMessage() == "readiness_changed"]
+        assert changes[-1].__dict__["reason"] == "ready" and changes[-1].__dict__["ready"] is True
     finally:
         await emu.stop()
 
