@@ -45,6 +45,8 @@ ENV_VARS: Final[dict[str, tuple[str | None, str]]] = {
     # A turn's last token (continue:false) or a flush still makes it generate at once.
     "CARTESIA_MAX_BUFFER_DELAY_MS": ("300", "max_buffer_delay_ms sent with streamed text (0 = generate at once)"),
     "CARTESIA_SOCKET_MAX_AGE_S": ("240", "replace a Cartesia socket idle this long (Cartesia closes at 300 s)"),
+    "CARTESIA_DOWN_GRACE_S": ("5", "with no Cartesia socket connected this long, /readyz fails and calls are refused"),
+    "CARTESIA_RECONNECT_BACKOFF_MAX_S": ("5", "longest back-off between Cartesia connect attempts (doubling from 0.1 s)"),
     "MAX_CALLS": ("500", "concurrent calls per process; more get a polite refusal"),
     "MEDIA_MAX_UNSTARTED": (None, "media WebSockets upgraded but not yet sent `start` (default MAX_CALLS: a burst of "
                             "real calls never trips it); beyond it the oldest is closed"),
@@ -81,6 +83,10 @@ ENV_VARS: Final[dict[str, tuple[str | None, str]]] = {
 }
 
 
+#: Hosts for which an http:// PUBLIC_URL is expected (local runs, tests, the demo).
+LOCAL_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 class ConfigError(ValueError):
     """Invalid configuration; the message lists every problem."""
 
@@ -103,6 +109,8 @@ class Config:
     cartesia_context_timeout_s: float = 30.0
     cartesia_max_buffer_delay_ms: int = 300
     cartesia_socket_max_age_s: float = 240.0
+    cartesia_down_grace_s: float = 5.0
+    cartesia_reconnect_backoff_max_s: float = 5.0
     max_calls: int = 500
     media_max_unstarted: int = 500
     media_start_timeout_s: float = 10.0
@@ -256,6 +264,8 @@ class Config:
             cartesia_context_timeout_s=as_float("CARTESIA_CONTEXT_TIMEOUT_S", 1.0, 3600.0),
             cartesia_max_buffer_delay_ms=as_int("CARTESIA_MAX_BUFFER_DELAY_MS", 0, 5000),
             cartesia_socket_max_age_s=as_float("CARTESIA_SOCKET_MAX_AGE_S", 1.0, 3600.0),
+            cartesia_down_grace_s=as_float("CARTESIA_DOWN_GRACE_S", 0.0, 600.0),
+            cartesia_reconnect_backoff_max_s=as_float("CARTESIA_RECONNECT_BACKOFF_MAX_S", 0.1, 300.0),
             max_calls=as_int("MAX_CALLS", 1, 100_000),
             media_max_unstarted=(as_int("MEDIA_MAX_UNSTARTED", 1, 100_000) if get("MEDIA_MAX_UNSTARTED") is not None
                                  else as_int("MAX_CALLS", 1, 100_000)),
@@ -290,6 +300,17 @@ class Config:
         if problems:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
         return config
+
+    def warnings(self) -> list[tuple[str, str]]:
+        """Settings that start but are probably wrong for a real deployment:
+        ``(event, detail)`` pairs, logged as WARNINGs at start."""
+        found: list[tuple[str, str]] = []
+        parts = urlsplit(self.public_url)
+        if parts.scheme == "http" and (parts.hostname or "") not in LOCAL_HOSTS:
+            found.append(("public_url_not_https",
+                          f"PUBLIC_URL={loggable_url(self.public_url)} is http://: Twilio opens media streams only "
+                          "over wss://, so calls will not connect; use the https:// URL Twilio reaches"))
+        return found
 
     def summary(self) -> dict[str, Any]:
         """Loggable view: secrets reduced to whether they are set."""

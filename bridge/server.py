@@ -12,6 +12,14 @@ Routes (one port):
   upgrade, before any WebSocket is accepted).
 * ``GET /metrics``, ``GET /healthz``, ``GET /readyz``.
 
+Readiness (``/readyz``, ``bridge_ready``, and whether the webhook accepts a
+call) is one decision, ``readiness()``: not ready while ``starting``, until a
+Cartesia TTS socket has connected, when none has been connected for longer
+than ``CARTESIA_DOWN_GRACE_S`` (``cartesia_unavailable``), and while
+``draining`` or ``stopping``. ``bridge_ready`` is set at every change (pool
+health callbacks, a timer at the end of the grace period, drain, stop) and a
+``readiness_changed`` line logs each one with its reason.
+
 Calls, webhook data waiting for its stream and handoff data live in the
 ``CallRegistry`` (at most ``2 × MAX_CALLS`` entries each, oldest evicted);
 each call is a ``CallSession`` given the process's ``CallServices``.
@@ -115,6 +123,9 @@ class BridgeServer:
         self._background: set[asyncio.Task[Any]] = set()  # prewarm tasks; owned so none is lost
         self.draining = False
         self.started = False
+        self.stopping = False
+        self._last_readiness: tuple[bool, str] | None = None
+        self._grace_timer: asyncio.TimerHandle | None = None  # re-checks readiness when the grace ends
         self.call_control: CallHangUp | None = None
         if config.twilio_account_sid and config.twilio_auth_token:
             from telephony.rest import CallControl
@@ -165,6 +176,8 @@ class BridgeServer:
     async def startup(self) -> None:
         config = self.config
         log_event(log, "bridge_starting", **config.summary())
+        for event, detail in config.warnings():
+            log_event(log, event, logging.WARNING, detail=detail)
         await self._check_fast_path()
         if not self.signatures.enforced:
             log_event(log, "SIGNATURES_NOT_ENFORCED", logging.WARNING,
@@ -188,7 +201,9 @@ class BridgeServer:
             max_concurrency=config.cartesia_max_concurrency,
             max_waiters=max(1, config.max_calls * 2),
             max_age_s=config.cartesia_socket_max_age_s,
+            backoff_max_s=config.cartesia_reconnect_backoff_max_s,
         )
+        self.pool.on_health_change.append(self.update_readiness)
         self.services = CallServices(
             settings=self.call_settings,
             metrics=self.metrics,
@@ -205,12 +220,17 @@ class BridgeServer:
             play_fetch=self._play_fetcher(),
         )
         self.metrics.before_render.append(self.registry.flush_call_metrics)
+        self.metrics.before_render.append(self.update_readiness)  # a scrape never shows a stale bridge_ready
         self.pool.start()
         self._lag_probe = asyncio.get_running_loop().create_task(self._probe_lag(), name="event-loop-lag")
-        await self.pool.prewarm(5.0)
+        # Until every socket connected, or each has failed once (a refused key need not hold start-up).
+        await self.pool.wait_attempted(5.0)
+        if not self.pool.healthy:
+            await self.pool.prewarm(0.5)  # another socket may be a moment from connecting
         self.started = True
-        self.metrics.ready.set(1)
-        log_event(log, "bridge_ready", cartesia_sockets=config.cartesia_pool_size)
+        ready, reason = self.update_readiness()
+        log_event(log, "bridge_started", logging.INFO if ready else logging.ERROR, ready=ready, reason=reason,
+                  cartesia_sockets_open=self.pool.open_sockets, cartesia_pool_size=config.cartesia_pool_size)
 
     def _play_fetcher(self) -> Callable[[str], Awaitable[bytes]] | None:
         """``play`` sources: allowlisted, fetched once, transcoded once, cached (bounded)."""
@@ -260,7 +280,13 @@ class BridgeServer:
         await self.shutdown()
 
     async def shutdown(self) -> None:
-        self.metrics.ready.set(0)
+        self.stopping = True
+        self.update_readiness()
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+        if self.pool is not None:
+            self.pool.on_health_change.clear()
         for task in list(self._background):
             task.cancel()
         if self._lag_probe is not None:
@@ -285,7 +311,7 @@ class BridgeServer:
         """Stop taking calls, let calls finish for ``grace_s``, end the rest.
         Returns how many calls had to be ended."""
         self.draining = True
-        self.metrics.ready.set(0)
+        self.update_readiness()
         log_event(log, "drain_started", calls=len(self.calls), grace_s=grace_s)
         deadline = time.monotonic() + grace_s
         while self.calls and time.monotonic() < deadline:
@@ -296,15 +322,52 @@ class BridgeServer:
         log_event(log, "drain_finished", ended_calls=len(remaining))
         return len(remaining)
 
-    #: A Cartesia outage longer than this makes /readyz fail; shorter reconnects do not.
-    CARTESIA_DOWN_GRACE_S: Final = 5.0
+    def readiness(self) -> tuple[bool, str]:
+        """``(ready, reason)``: may this process take a new call? Reasons:
+        ``ready``, ``starting``, ``stopping``, ``draining``, ``cartesia_unavailable``
+        (no TTS socket has ever connected, or none for ``CARTESIA_DOWN_GRACE_S``;
+        a reconnect shorter than that does not count)."""
+        pool = self.pool
+        if self.stopping:
+            return False, "stopping"
+        if not self.started or pool is None:
+            return False, "starting"
+        if self.draining:
+            return False, "draining"
+        if pool.healthy:
+            return True, "ready"
+        if not pool.ever_connected or pool.down_for_s >= self.config.cartesia_down_grace_s:
+            return False, "cartesia_unavailable"
+        return True, "ready"
 
     @property
     def ready(self) -> bool:
-        """Ready for new calls: started, not draining, Cartesia reachable
-        (a reconnect shorter than ``CARTESIA_DOWN_GRACE_S`` does not count)."""
-        return (self.started and not self.draining and self.pool is not None
-                and self.pool.down_for_s < self.CARTESIA_DOWN_GRACE_S)
+        """Ready for new calls (see ``readiness``)."""
+        return self.readiness()[0]
+
+    def update_readiness(self) -> tuple[bool, str]:
+        """Recompute readiness; on a change set ``bridge_ready`` and log it.
+        While Cartesia is down inside its grace period, a timer re-checks at
+        its end, so ``bridge_ready`` drops without waiting for a request."""
+        state = self.readiness()
+        ready, reason = state
+        pool = self.pool
+        if ready and pool is not None and not pool.healthy and self._grace_timer is None:
+            left = max(0.0, self.config.cartesia_down_grace_s - pool.down_for_s)
+            self._grace_timer = asyncio.get_running_loop().call_later(left + 0.01, self._grace_ended)
+        if state == self._last_readiness:
+            return state
+        self._last_readiness = state
+        self.metrics.ready.set(1 if ready else 0)
+        if self.started and not self.stopping:
+            level = logging.ERROR if reason == "cartesia_unavailable" else logging.INFO
+            log_event(log, "readiness_changed", level, ready=ready, reason=reason,
+                      cartesia_down_for_s=round(pool.down_for_s, 3) if pool is not None else None)
+        return state
+
+    def _grace_ended(self) -> None:
+        self._grace_timer = None
+        self.update_readiness()
 
     @property
     def calls(self) -> set[CallSession]:
@@ -342,12 +405,15 @@ class BridgeServer:
             self.metrics.webhooks.labels(result="bad_request").inc()
             raise web.HTTPBadRequest(text="CallSid is required")
         self.registry.expire_pending()
-        if not self.ready or self.registry.occupancy >= self.config.max_calls:
-            reason = "draining" if self.draining else ("not_ready" if not self.ready else "max_calls")
+        ready, reason = self.update_readiness()
+        if not ready or self.registry.occupancy >= self.config.max_calls:
+            reason = reason if not ready else "max_calls"
             self.metrics.calls_refused.labels(reason=reason).inc()
             self.metrics.webhooks.labels(result="refused").inc()
             log_event(log, "call_refused", logging.WARNING, call_sid=call_sid, reason=reason)
-            return web.Response(text=say_and_hangup(self.config.busy_line), content_type="text/xml")
+            # A bridge that cannot speak says sorry (FALLBACK_LINE, via Twilio's <Say>); a full one says busy.
+            line = self.config.fallback_line if reason == "cartesia_unavailable" else self.config.busy_line
+            return web.Response(text=say_and_hangup(line), content_type="text/xml")
         # Warm the pool while the phone rings: the first utterance pays no handshake.
         assert self.pool is not None  # ready implies started
         task = asyncio.get_running_loop().create_task(self.pool.prewarm(2.0), name="prewarm")
@@ -453,13 +519,19 @@ class BridgeServer:
         return web.json_response({"status": "alive", "calls": len(self.calls)})
 
     async def readyz(self, _request: web.Request) -> web.Response:
+        """200 when ready; 503 with ``reason`` (see ``readiness``) otherwise."""
+        ready, reason = self.update_readiness()
+        pool = self.pool
         body = {
-            "ready": self.ready,
+            "ready": ready,
+            "reason": reason,
             "draining": self.draining,
             "calls": len(self.calls),
-            "cartesia_connected": bool(self.pool is not None and self.pool.healthy),
+            "cartesia_connected": bool(pool is not None and pool.healthy),
+            "cartesia_sockets_open": pool.open_sockets if pool is not None else 0,
+            "cartesia_down_for_s": round(pool.down_for_s, 3) if pool is not None else None,
         }
-        return web.json_response(body, status=200 if self.ready else 503)
+        return web.json_response(body, status=200 if ready else 503)
 
 
 assert MAX_INBOUND_MESSAGE_BYTES < WS_HARD_MAX_MSG

@@ -78,6 +78,8 @@ END_PLAYOUT_GRACE_S: Final = 15.0
 END_PLAYOUT_POLL_S: Final = 0.05
 #: Bad Twilio messages logged per call before only every 1000th is (the metric counts them all).
 BAD_INPUT_LOG_LINES: Final = 20
+#: Outcomes that say how a call ended but not why; a known cause (Cartesia unavailable) replaces them.
+OUTCOMES_HIDING_A_CAUSE: Final = frozenset({"completed", "caller_hangup", "twilio_disconnected"})
 
 
 class CallHangUp(Protocol):
@@ -132,6 +134,7 @@ class CallSession:
         self._resumes: dict[str, asyncio.TimerHandle] = {}
         self._end_task: asyncio.Task[None] | None = None
         self.outcome = "completed"
+        self._tts_unavailable = False  # an utterance failed because no Cartesia socket could connect
         self.started = False
         self.closed = False
         self.connected_at = time.monotonic()
@@ -328,6 +331,8 @@ class CallSession:
         self._execute(self.core.on_cartesia(context_id, msg, received_at))
 
     def on_tts_failed(self, context_id: str, reason: str, *, retry: bool, cause: str) -> None:
+        if cause == "cartesia_unavailable":
+            self._tts_unavailable = True
         self._execute(self.core.on_context_lost(context_id, reason, time.monotonic(), retry=retry, cause=cause))
 
     # ------------------------------------------------ Cartesia STT (SttListener)
@@ -486,6 +491,7 @@ class CallSession:
             # Whatever failed above, the call must not stay counted.
             self.flush_metrics()
             if self.started:
+                self.outcome = self._outcome_with_cause()
                 self.metrics.active_calls.dec()
                 self.metrics.calls.labels(outcome=self.outcome).inc()
                 self.services.registry.discard(self)
@@ -500,6 +506,15 @@ class CallSession:
             self._log("call_ended", outcome=self.outcome, frames_sent=self.core.frames_sent,
                       late_chunks=self.core.late_chunks, playout_gaps=self.core.gaps,
                       playout_gap_ms=self.core.gap_ms, duration_s=round(time.monotonic() - self.connected_at, 3))
+
+    def _outcome_with_cause(self) -> str:
+        """A call that ended quietly (hang-up, completed) after speech failed
+        because Cartesia was unavailable is counted under that cause, not as
+        the hang-up it looked like: ``no_audio_cartesia_unavailable`` (the
+        caller heard nothing) or ``cartesia_unavailable`` (speech stopped part-way)."""
+        if not self._tts_unavailable or self.outcome not in OUTCOMES_HIDING_A_CAUSE:
+            return self.outcome
+        return "no_audio_cartesia_unavailable" if self.core.frames_sent == 0 else "cartesia_unavailable"
 
     async def _release_everything(self) -> None:
         for action in self.core.on_end():

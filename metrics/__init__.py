@@ -109,8 +109,12 @@ class BridgeMetrics:
         self.twilio_messages_out = Counter(
             "bridge_twilio_messages_out", "Messages sent to Twilio by event", ["event"], registry=r
         )
+        # status: the code of a Cartesia error message or of a refused handshake ("401", "429"), or
+        # why a connect failed (connection_refused, dns, timeout, handshake, network): a small fixed set.
         self.cartesia_errors = Counter(
-            "bridge_cartesia_errors", "Cartesia error messages by status code", ["status"], registry=r
+            "bridge_cartesia_errors",
+            "Cartesia errors: error messages and refused handshakes by status code, failed connects by reason",
+            ["status"], registry=r,
         )
         self.late_chunks_dropped = Counter(
             "bridge_late_chunks_dropped", "Cartesia messages for cancelled or unknown contexts, dropped", registry=r

@@ -24,6 +24,15 @@
   live contexts are reported to their owners via ``on_context_lost`` so they
   can re-send what was not yet heard. A socket idle for ``max_age_s`` is
   replaced before Cartesia's 5-minute idle close.
+* A connect that fails is counted in ``bridge_cartesia_errors_total{status}``
+  (the HTTP status of a refused handshake, or ``connect_failure_kind``'s name
+  for the rest) and retried with the same back-off. A 401/403 is an ERROR
+  naming the credential (``CARTESIA_API_KEY``, never its value). Repeats of
+  one kind are logged at most once per ``FAILURE_LOG_INTERVAL_S`` per pool,
+  with how many were folded in.
+* Health: ``healthy`` while a socket is open; ``down_for_s`` counts from the
+  last socket closing, or from ``start()`` when none ever connected, so a
+  pool that never connected is down, not "down for 0 s".
 """
 
 from __future__ import annotations
@@ -31,14 +40,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any, Final, Protocol
 from urllib.parse import urlencode
 
 import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus
 from websockets.protocol import State
 
 from bridge.cartesia.protocol import (
@@ -50,7 +62,7 @@ from bridge.cartesia.protocol import (
     ServerMessage,
     parse_server_message,
 )
-from bridge.logs import log_event
+from bridge.logs import log_event, loggable_url
 from metrics import BridgeMetrics
 
 log = logging.getLogger("bridge.cartesia")
@@ -68,6 +80,29 @@ DIRECT_WRITE_MAX_BUFFERED: Final = 64 * 1024
 MAX_PENDING_SENDS_PER_CALL: Final = 500
 #: Largest server message accepted (bytes); chunks are a few KiB.
 MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
+#: One kind of connect failure is logged at most this often per pool (seconds); the rest are counted.
+FAILURE_LOG_INTERVAL_S: Final = 30.0
+#: Handshake statuses that mean the credential is wrong, not that Cartesia is down.
+AUTH_STATUSES: Final = frozenset({401, 403})
+#: The setting to fix when Cartesia refuses the credential (named in logs; its value never is).
+CREDENTIAL_SETTING: Final = "CARTESIA_API_KEY"
+
+
+def connect_failure_kind(exc: BaseException) -> str:
+    """The ``status`` label of a failed connect: the HTTP status of a refused
+    handshake (``"401"``, ``"503"``), else one of ``connection_refused``,
+    ``dns``, ``timeout``, ``handshake``, ``network`` (a small fixed set)."""
+    if isinstance(exc, InvalidStatus):
+        return str(exc.response.status_code)
+    if isinstance(exc, socket.gaierror):
+        return "dns"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection_refused"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, InvalidHandshake):
+        return "handshake"
+    return "network"
 
 
 class ContextListener(Protocol):
@@ -80,6 +115,10 @@ class ContextListener(Protocol):
 
 class AdmissionError(RuntimeError):
     """No concurrency slot within the deadline, or the wait queue is full."""
+
+
+class CartesiaUnavailable(AdmissionError):
+    """No Cartesia socket could be connected within the deadline (Cartesia down, unreachable or refusing the key)."""
 
 
 class ContextError(RuntimeError):
@@ -160,11 +199,11 @@ class _Socket:
                 attempt += 1
                 delay = min(self.pool.backoff_max_s, self.pool.backoff_base_s * 2 ** (attempt - 1))
                 delay *= 0.5 + random.random() / 2
-                log_event(log, "cartesia_connect_failed", logging.WARNING, slot=self.slot, error=str(exc),
-                          retry_in_s=round(delay, 3))
+                self.pool._connect_failed(self.slot, exc, delay)
                 await asyncio.sleep(delay)
                 continue
             attempt = 0
+            self.pool._connected(self.slot)
             self.pool.metrics.cartesia_handshakes.inc()
             self.pool.metrics.cartesia_sockets.inc()
             self.last_activity = time.monotonic()
@@ -385,6 +424,13 @@ class CartesiaPool:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._started = False
         self._down_since: float | None = None
+        self._ever_connected = False
+        self._attempted: set[int] = set()  # slots that connected or failed at least once
+        self._attempts_done = asyncio.Event()
+        #: failure kind -> (last logged at, repeats since), for ``FAILURE_LOG_INTERVAL_S``.
+        self._failure_log: dict[str, tuple[float, int]] = {}
+        #: Called (no arguments) whenever ``healthy`` may have changed.
+        self.on_health_change: list[Callable[[], object]] = []
 
     # ------------------------------------------------------------ lifecycle
 
@@ -410,6 +456,7 @@ class CartesiaPool:
         if self._started:
             return
         self._started = True
+        self._health_changed()  # none open yet: down since now
         for sock in self._sockets:
             sock.supervisor = asyncio.create_task(sock.run(), name=f"cartesia-socket-{sock.slot}")
 
@@ -426,19 +473,75 @@ class CartesiaPool:
                 w.cancel()
         return not pending
 
+    async def wait_attempted(self, timeout_s: float) -> bool:
+        """Wait until every socket has connected or failed at least once
+        (at most ``timeout_s``); True when they all have. Start-up uses it so a
+        refused key does not hold start-up for the whole prewarm timeout."""
+        self.start()
+        try:
+            await asyncio.wait_for(self._attempts_done.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def _attempt_finished(self, slot: int) -> None:
+        self._attempted.add(slot)
+        if len(self._attempted) >= self.size:
+            self._attempts_done.set()
+
+    def _connected(self, slot: int) -> None:
+        self._ever_connected = True
+        self._attempt_finished(slot)
+        self._failure_log.clear()  # after a recovery, the next failure is news again
+
+    def _connect_failed(self, slot: int, exc: BaseException, retry_in_s: float) -> None:
+        """Count a failed connect and log it (rate-limited per kind; never the key)."""
+        kind = connect_failure_kind(exc)
+        self.metrics.cartesia_errors.labels(status=kind).inc()
+        self._attempt_finished(slot)
+        now = time.monotonic()
+        logged_at, repeats = self._failure_log.get(kind, (None, 0))
+        if logged_at is not None and now - logged_at < FAILURE_LOG_INTERVAL_S:
+            self._failure_log[kind] = (logged_at, repeats + 1)
+            return
+        self._failure_log[kind] = (now, 0)
+        fields: dict[str, Any] = {"slot": slot, "status": kind, "retry_in_s": round(retry_in_s, 3),
+                                  "repeats_not_logged": repeats, "url": loggable_url(self.url)}
+        if isinstance(exc, InvalidStatus) and exc.response.status_code in AUTH_STATUSES:
+            log_event(log, "cartesia_auth_failed", logging.ERROR, credential=CREDENTIAL_SETTING, **fields,
+                      detail=f"Cartesia refused the handshake with HTTP {kind}: check {CREDENTIAL_SETTING} "
+                             "(the key is wrong, revoked or lacks access); retrying with back-off")
+            return
+        # The message of a failed connect names host and errno, never request headers.
+        log_event(log, "cartesia_connect_failed", logging.WARNING, error=str(exc)[:300], **fields)
+
     @property
     def healthy(self) -> bool:
+        """At least one socket is open."""
         return any(s.open for s in self._sockets)
+
+    @property
+    def open_sockets(self) -> int:
+        """How many sockets are open now."""
+        return sum(1 for s in self._sockets if s.open)
+
+    @property
+    def ever_connected(self) -> bool:
+        """Some socket has completed a handshake since the pool started."""
+        return self._ever_connected
 
     def _health_changed(self) -> None:
         if self.healthy:
             self._down_since = None
         elif self._down_since is None:
             self._down_since = time.monotonic()
+        for callback in self.on_health_change:
+            callback()
 
     @property
     def down_for_s(self) -> float:
-        """Seconds since the last socket closed with none open (0 when healthy)."""
+        """Seconds with no socket open: since the last one closed, or since
+        ``start()`` when none has connected yet (0 when healthy or not started)."""
         return 0.0 if self._down_since is None else time.monotonic() - self._down_since
 
     async def close(self) -> None:
@@ -552,7 +655,7 @@ class CartesiaPool:
                 await self.prewarm(remaining)
                 sock = self._pick_socket()
                 if sock is None:
-                    raise AdmissionError("no Cartesia socket connected")
+                    raise CartesiaUnavailable("no Cartesia socket connected")
         except BaseException:
             # Cancelled (barge-in, hang-up) or no socket: a reserved slot goes back, never leaks.
             if reserved:

@@ -32,6 +32,7 @@ from typing import Final, Protocol
 from bridge.cartesia.client import (
     AdmissionError,
     CartesiaPool,
+    CartesiaUnavailable,
     ContextError,
     ContextLease,
     SendQueueFull,
@@ -174,8 +175,10 @@ class CallContexts:
         except AdmissionError as exc:
             self._admissions.pop(context_id, None)
             self._pending.pop(context_id, None)
-            self._metrics.utterances_failed.labels(reason="admission").inc()
-            self._failed(context_id, f"admission: {exc}")
+            # cartesia_unavailable: no socket could connect (the call's outcome names it, see session.py).
+            cause = "cartesia_unavailable" if isinstance(exc, CartesiaUnavailable) else "admission"
+            self._metrics.utterances_failed.labels(reason=cause).inc()
+            self._failed(context_id, f"admission: {exc}", cause=cause)
             return
         self._admissions.pop(context_id, None)
         if self._owner.closed:
