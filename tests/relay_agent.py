@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 from twilio.request_validator import RequestValidator
 
-from bridge.netutil import free_port
+from .local_server import serve_locally
 
 Reply = Callable[[str], str | None]
 
@@ -43,10 +43,7 @@ class RelayAgent:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/relay", self._handle)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await self._runner.setup()
-        port = free_port()
-        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self._runner, port = await serve_locally(app)
         self.url = f"ws://127.0.0.1:{port}/relay"
 
     async def stop(self) -> None:

@@ -17,6 +17,7 @@ from metrics.scrape import value
 from telephony.twiml import parse_connect_stream
 
 from .conftest import Bridge, BridgeFactory
+from .local_server import serve_locally
 from .test_call_e2e import context_ids, wait_for
 
 
@@ -46,10 +47,7 @@ class AgentServer:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/agent", self._handle)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await self._runner.setup()
-        port = free_port()
-        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self._runner, port = await serve_locally(app)
         self.url = f"ws://127.0.0.1:{port}/agent"
 
     async def stop(self) -> None:

@@ -16,11 +16,11 @@ import orjson
 import pytest
 from aiohttp import web
 
-from bridge.netutil import free_port
 from metrics.scrape import value
 from telephony.simulator import SimulatedCall
 
 from .conftest import BridgeFactory
+from .local_server import serve_locally
 from .test_call_e2e import wait_for
 
 CALLS = 120  # > aiohttp's default TCPConnector limit of 100
@@ -55,10 +55,7 @@ class GreetingAgent:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/agent", self._handle)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await self._runner.setup()
-        port = free_port()
-        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self._runner, port = await serve_locally(app)
         self.url = f"ws://127.0.0.1:{port}/agent"
 
     async def stop(self) -> None:

@@ -30,10 +30,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final, Union
 
-import orjson
-
 from bridge.cartesia.protocol import SPEED_RANGE
 from bridge.cartesia.protocol import cartesia_language as _cartesia_language
+from bridge.jsonwire import WireJsonError, load_object
 
 #: Largest agent message accepted (bytes).
 MAX_AGENT_MESSAGE_BYTES: Final = 64 * 1024
@@ -208,16 +207,12 @@ def _config(obj: dict[str, Any]) -> ConfigUpdate:
 def parse_agent_message(data: str | bytes | dict[str, Any]) -> AgentMessage:
     """Decode one agent message; raises ``AgentMessageError`` with a reason."""
     if isinstance(data, dict):
-        obj: Any = data
+        obj: dict[str, Any] = data
     else:
-        if len(data) > MAX_AGENT_MESSAGE_BYTES:
-            raise AgentMessageError(f"message of {len(data)} bytes exceeds {MAX_AGENT_MESSAGE_BYTES}")
         try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise AgentMessageError(f"malformed JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise AgentMessageError("message must be a JSON object")
+            obj = load_object(data, MAX_AGENT_MESSAGE_BYTES)
+        except WireJsonError as exc:
+            raise AgentMessageError(str(exc)) from None
     kind = obj.get("type")
     if kind == "text":
         token = obj.get("token")

@@ -30,6 +30,8 @@ from urllib.parse import urlencode
 
 import orjson
 
+from bridge.jsonwire import WireJsonError, load_object
+
 STT_PATH: Final = "/stt/websocket"
 STT_TURNS_PATH: Final = "/stt/turns/websocket"
 #: Models with manual finalize (SDK ``STTManualFinalizeModel``) and automatic turns.
@@ -221,14 +223,10 @@ def _words(raw: Any) -> tuple[SttWord, ...]:
 
 def parse_stt_server_message(data: str | bytes) -> SttServerMessage:
     """Decode one server message; ``SttProtocolError`` for anything that is not one."""
-    if len(data) > MAX_STT_MESSAGE_BYTES:
-        raise SttProtocolError(f"message of {len(data)} bytes exceeds {MAX_STT_MESSAGE_BYTES}")
     try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise SttProtocolError(f"not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise SttProtocolError("message must be a JSON object")
+        obj = load_object(data, MAX_STT_MESSAGE_BYTES)
+    except WireJsonError as exc:
+        raise SttProtocolError(str(exc)) from None
     kind = obj.get("type")
     request_id = _str(obj, "request_id")
     if kind == "transcript":
