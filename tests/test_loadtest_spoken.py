@@ -45,12 +45,13 @@ def test_short_spoken_run_hears_every_prompt_right(tmp_path: Path) -> None:
     assert s["turns_lost"] == 0 and s["turns_by_outcome"].get("not_cleared", 0) == 0
     assert s["prompts"] == {"right": replied, "wrong": 0, "unverified": 0, "wrong_examples": []}
     assert s["barge_in_turns"] >= 1 and s["barge_in_cleared"] == s["barge_in_turns"]
-    # The caller's wait: the bridge cannot end the turn before speechTimeout of quiet has reached it,
-    # and it answers well within two seconds after that on an idle machine.
+    # The caller's wait: the bridge cannot end the turn before speechTimeout of quiet has reached it
+    # (less the lateness of the last speech frame, when a stall delayed its write but not the quiet
+    # frames after it: 22 ms seen on a saturated machine), and it answers within two seconds after that.
     e = s["end_of_speech_to_reply_ms"]
     assert e["count"] == replied
     per_turn = [v for c in report["per_call"] for v in c["reply_ms"]]
-    assert min(per_turn) >= SPEECH_TIMEOUT_MS - 25, per_turn
+    assert min(per_turn) >= SPEECH_TIMEOUT_MS - 60, per_turn
     assert SPEECH_TIMEOUT_MS <= e["p50"] <= SPEECH_TIMEOUT_MS + 2000
     assert e["p50"] <= e["p95"] <= e["p99"] <= e["max"]
     # The bridge's own view of the same turns (histograms from /metrics).
