@@ -19,7 +19,10 @@ agent process, ``agent_server``, with the same texts streamed word by word):
 * ``barge-in``: greeting, DTMF 9, and 1-2 s after its audio starts the caller
   talks for 0.6 s (loud inbound frames) so the bridge's VAD clears;
 * ``idle``: greeting only, then the call stays connected (inbound audio every
-  20 ms, nothing to say): for the memory of an idle call.
+  20 ms, nothing to say): for the memory of an idle call;
+* ``spoken``: greeting, then sentences said in the emulator's tone voice, heard by
+  the bridge's STT (``STT_ENABLED=true``), answered "You said ..." by the agent; some
+  said over the previous reply (barge-in). See ``spoken`` and ``spoken_report``.
 
 Capacity runs: ``--bridge-cpus`` / ``--load-cpus`` pin the bridge and this
 process (emulator + callers) to CPU sets (``taskset``; ``sched_setaffinity``
@@ -32,7 +35,7 @@ Modules: ``options`` (what a run does), ``scenarios`` (what a caller does),
 psutil), ``results`` (per-call figures), ``integrity`` (caller audio vs the
 emulator's), ``stats`` (distributions), ``report`` (JSON, and the definitions
 of every figure), ``html_report`` (the HTML page), ``cli``, ``agent_server`` (the
-external agent).
+external agent), ``spoken`` / ``turns`` / ``spoken_report`` (the spoken scenario and its figures).
 """
 
 from .cli import main

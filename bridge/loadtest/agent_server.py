@@ -7,6 +7,9 @@ that agent on ``ws://HOST:PORT/agent`` (any path), one WebSocket per call:
 * ``setup``: greets (``customParameters.greeting``, else ``--greeting``);
 * ``dtmf`` ``9``: the demo agent's long passage; ``0``: "Goodbye." then
   ``end``; any other digit: "You pressed N.";
+* a final ``prompt`` (``last`` true, words in ``voicePrompt``): "You said
+  <what the caller said>." (the built-in agent's answer, so the ``spoken``
+  scenario checks either agent's prompts the same way);
 * ``interrupt``: the turn being streamed stops before its next token and is
   closed with an empty ``last`` token, as an LLM agent would stop generating.
 
@@ -63,6 +66,7 @@ class AgentStats:
     turns: int = 0
     turns_interrupted: int = 0
     turns_dropped: int = 0
+    prompts: int = 0
     tokens_sent: int = 0
     ends_sent: int = 0
 
@@ -88,6 +92,9 @@ def reply_to(message: dict[str, Any], greeting: str) -> Turn | None:
         if digit == "0":
             return Turn("Goodbye.", end=True)
         return Turn(f"You pressed {digit}.")
+    if kind == "prompt" and message.get("last") is not False:
+        heard = str(message.get("voicePrompt") or "").strip()
+        return Turn(f"You said {heard}.") if heard else None
     return None
 
 
@@ -124,6 +131,8 @@ class AgentCall:
         if message.get("type") == "interrupt":
             self._interrupts += 1
             return
+        if message.get("type") == "prompt":
+            self.stats.prompts += 1
         turn = reply_to(message, self.greeting)
         if turn is None:
             return

@@ -13,13 +13,14 @@ from .options import DEFAULT_EMULATOR_ARGS, SCENARIOS, Options
 from .processes import event_loop_factory
 from .report import DEFINITIONS, summary_lines
 from .runner import LoadTest
+from .spoken_report import SPOKEN_DEFINITIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="media-bridge loadtest",
         description="Many simulated Twilio calls against the bridge; JSON + HTML report.",
-        epilog=DEFINITIONS,
+        epilog=DEFINITIONS + "\n" + SPOKEN_DEFINITIONS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--calls", type=int, default=20, help="simulated calls (default 20)")
@@ -74,8 +75,8 @@ def options_from_args(ns: argparse.Namespace) -> Options:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """0 when every call completed with no integrity mismatch and no timeout; 1 otherwise; 2 when the run
-    could not start (the bridge did not come up)."""
+    """0 when every call completed with no integrity mismatch and no timeout (``spoken``: and no turn lost,
+    no prompt wrong); 1 otherwise; 2 when the run could not start (the bridge did not come up)."""
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
@@ -97,4 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report: {Path(opts.report) / 'report.json'} and {Path(opts.report) / 'report.html'}")
     ok = (report["calls"]["completed"] == opts.calls and report["integrity"]["mismatches"] == 0
           and not report["timed_out"])
+    if report.get("spoken"):
+        ok = ok and report["spoken"]["turns_lost"] == 0 and report["spoken"]["prompts"]["wrong"] == 0
     return 0 if ok else 1

@@ -13,6 +13,8 @@ import html
 import math
 from typing import Any
 
+from .spoken_report import spoken_html_rows
+
 W, H = 560, 260
 ML, MR, MT, MB = 56, 16, 30, 44
 COLORS = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c")
@@ -171,6 +173,9 @@ def render_html(report: dict[str, Any]) -> str:
         ("Load tester CPU mean / max",
          f"{_fmt(report['loadtester']['cpu_percent_mean'], '%')} / {_fmt(report['loadtester']['cpu_percent_max'], '%')}"),
     ]
+    spoken = report.get("spoken")
+    if spoken:
+        rows += spoken_html_rows(spoken)
     table = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
     charts_latency = [
         histogram("Text → first audio at the caller", ttfa, "ms"),
@@ -178,6 +183,13 @@ def render_html(report: dict[str, Any]) -> str:
         _bucket_chart("Bridge text → first frame (/metrics)", bm["text_to_first_frame_ms"].get("buckets", [])),
         _bucket_chart("Bridge barge-in latency (/metrics)", bm["barge_in_latency_ms"].get("buckets", [])),
     ]
+    if spoken:
+        charts_latency += [
+            histogram("End of speech → first reply audio at the caller",
+                      [v for c in report.get("per_call", []) for v in c.get("reply_ms", [])], "ms"),
+            _bucket_chart("Bridge STT latency (/metrics)", spoken["bridge"]["stt_latency_ms"].get("buckets", [])),
+            _bucket_chart("Bridge turn TTFA (/metrics)", spoken["bridge"]["turn_ttfa_ms"].get("buckets", [])),
+        ]
     series_calls = [("simulated calls active", [(s["t"], s["active_calls"]) for s in ts])]
     bridge_active = [(s["t"], s["bridge_active_calls"]) for s in ts if s.get("bridge_active_calls") is not None]
     if bridge_active:

@@ -8,7 +8,7 @@ from typing import Any, Final
 
 from bridge.defaults import EMULATOR_DEFAULT_VOICE_ID
 
-SCENARIOS: Final = ("talk", "conversation", "barge-in", "idle")
+SCENARIOS: Final = ("talk", "conversation", "barge-in", "idle", "spoken")
 DEFAULT_EMULATOR_ARGS: Final = "--ttfb-ms 90 --rtf 0.25 --jitter-ms 10"
 #: The local bridge speaks with the emulator's deterministic "Tone Alto" voice.
 VOICE_ID: Final = EMULATOR_DEFAULT_VOICE_ID
@@ -48,6 +48,9 @@ class Options:
     agent_server: bool = False
     #: Flags for that server (e.g. ``"--tokens-per-s 50"``).
     agent_server_args: str = ""
+    #: ``spoken`` scenario: sentence -> the caller's μ-law 8 kHz audio, fetched once from the emulator
+    #: by the runner (``spoken.prefetch_speech``) and shared by every call (and caller worker).
+    speech: dict[str, bytes] | None = None
     #: Test hook: awaited with the LoadTest once all calls have started their ramp.
     during: Callable[[Any], Coroutine[Any, Any, None]] | None = None
 

@@ -41,6 +41,7 @@ from .html_report import render_html
 from .integrity import AudioIndex, explain_mismatch
 from .options import Options
 from .results import CallResult, analyze_call
+from .spoken_report import spoken_section, spoken_summary_lines
 from .stats import dist_ms, histogram_ms, round_or_none
 
 SCHEMA: Final = "media-bridge-loadtest/1"
@@ -74,6 +75,8 @@ class RunFacts:
     #: Our agent server process, when the run started one: pid, url, args, ``cpu_percent`` (one value
     #: per sample) and its ``/stats`` counters.
     agent: dict[str, Any] | None = None
+    #: ``spoken`` scenario with the local emulator: context id -> the text it was asked to say.
+    transcripts: dict[str, str] | None = None
 
 
 def integrity_summary(results: list[CallResult], index: AudioIndex | None) -> dict[str, Any]:
@@ -259,7 +262,9 @@ def _per_call(r: CallResult) -> dict[str, Any]:
             "mismatches": sum(1 for s in r.spans if s.status == "mismatch"),
             "utterances": len(r.spans),
             "audio_s": round(r.call.record.media_bytes / 8000, 2) if r.call else 0.0,
-            "clears": r.call.record.clears if r.call else 0}
+            "clears": r.call.record.clears if r.call else 0,
+            **({"reply_ms": [round(lat * 1000, 2) for t in r.turns if (lat := t.reply_latency_s) is not None]}
+               if r.turns else {})}
 
 
 def build_report(run: RunFacts) -> dict[str, Any]:
@@ -291,6 +296,8 @@ def build_report(run: RunFacts) -> dict[str, Any]:
         # here explain caller underruns that the bridge counts as tts_late gaps.
         "emulator": run.emulator,
         "agent": _agent_section(run.agent),
+        "spoken": spoken_section(res, run.index, run.transcripts, run.metrics_text, _speech_timeout_ms(o))
+        if o.scenario == "spoken" else None,
         "loadtester": {"cpu_percent_mean": round_or_none(sum(tester) / len(tester) if tester else None),
                        "cpu_percent_max": round_or_none(max(tester) if tester else None),
                        "note": "the simulated callers + emulator share this process; near 100% means "
@@ -298,6 +305,17 @@ def build_report(run: RunFacts) -> dict[str, Any]:
         "timeseries": run.samples,
         "per_call": [_per_call(r) for r in res],
     }
+
+
+def _speech_timeout_ms(o: Options) -> int:
+    """The bridge's ``speechTimeout`` for the run's calls (its env, else ConversationRelay's default)."""
+    from bridge.agent.relay_settings import RelaySettings
+
+    raw = o.bridge_env.get("RELAY_SPEECH_TIMEOUT") or os.environ.get("RELAY_SPEECH_TIMEOUT")
+    try:
+        return int(raw) if raw else RelaySettings().speech_timeout_ms
+    except ValueError:
+        return RelaySettings().speech_timeout_ms
 
 
 def write_report(report: dict[str, Any], report_dir: Path) -> None:
@@ -308,9 +326,10 @@ def write_report(report: dict[str, Any], report_dir: Path) -> None:
 
 
 def summary_lines(r: dict[str, Any]) -> list[str]:
-    """The run in six lines, for the terminal."""
+    """The run in six lines (nine with spoken turns), for the terminal."""
     c, cal, b, i = r["calls"], r["caller"], r["bridge"], r["integrity"]
     fwd = r["bridge_metrics"]["forwarding_delay_ms"]
+    spoken = spoken_summary_lines(r["spoken"]) if r.get("spoken") else []
     return [
         f"calls: attempted {c['attempted']} connected {c['connected']} completed {c['completed']} "
         f"failed {c['failed']} {c['failed_by_reason'] or ''}",
@@ -323,4 +342,4 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
         f"bridge cpu: mean {b['cpu_percent']['mean_steady']}% (steady) max {b['cpu_percent']['max']}%; "
         f"rss {b['rss_mb']['start']} -> peak {b['rss_mb']['peak']} MB; per call {b['per_call']['cpu_percent']}% "
         f"cpu, {b['per_call']['rss_kb']} KB; loadtester cpu mean {r['loadtester']['cpu_percent_mean']}%",
-    ]
+    ] + spoken

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from telephony.simulator import CallRecord, SimulatedCall
 
 from .integrity import AudioIndex, Span, split_utterances
+from .turns import SpokenTurn
 
 
 @dataclass
@@ -35,6 +36,8 @@ class CallResult:
     no_response: int = 0
     live_ttfa: list[float] = field(default_factory=list)  # rough, for the progress line
     call: SimulatedCall | RecordedCall | None = None
+    #: ``spoken`` scenario: the caller's turns, in order.
+    turns: list[SpokenTurn] = field(default_factory=list)
     # filled by analysis
     ttfa_s: list[tuple[str, float]] = field(default_factory=list)
     underruns: list[float] = field(default_factory=list)

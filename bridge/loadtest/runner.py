@@ -45,6 +45,7 @@ from .processes import (
 from .report import RunFacts, build_report, log_summary, write_report
 from .results import CallResult, RecordedCall
 from .scenarios import run_scenario, sleep_until
+from .spoken import SpokenCall, prefetch_speech
 
 #: Each call's webhook and its stream upgrade must answer within this long, s.
 CONNECT_TIMEOUT_S = 15.0
@@ -71,6 +72,9 @@ class LoadTest:
             raise ValueError("need --caller-procs >= 1")
         if opts.agent_server and (opts.target or opts.agent_url):
             raise ValueError("--agent-server starts a local agent for the local bridge: not with --target or --agent-url")
+        if opts.scenario == "spoken" and opts.target and not opts.speech:
+            raise ValueError("--scenario spoken needs the local emulator (its STT hears the callers' tone voice): "
+                             "not with --target")
         self.bridge_cpus = parse_cpus(opts.bridge_cpus) if opts.bridge_cpus else None
         self.load_cpus = parse_cpus(opts.load_cpus) if opts.load_cpus else None
         self.opts = opts
@@ -142,6 +146,9 @@ class LoadTest:
         })
         if self.agent_url:
             env["AGENT_URL"] = self.agent_url
+        if self.opts.scenario == "spoken":
+            # Every call listens (the built-in agent too), each with its own STT socket.
+            env.update({"STT_ENABLED": "true", "CARTESIA_STT_MAX_CONCURRENCY": str(self.opts.calls + 10)})
         env.update(self.opts.bridge_env)
         self.report_dir.mkdir(parents=True, exist_ok=True)
         self.bridge = BridgeProcess(port, env, self.report_dir / "bridge.log", self.bridge_cpus)
@@ -228,8 +235,12 @@ class LoadTest:
         o = self.opts
         await sleep_until(self.t0 + (res.index * o.ramp_s / o.calls if o.calls > 1 else 0.0))
         query = {"agentUrl": o.agent_url} if (o.agent_url and o.target) else None
-        call = SimulatedCall(self.base_url, http, auth_token=self.auth_token, public_url=self.public_url,
-                             webhook_query=query, clock=self.clock)
+        if o.scenario == "spoken":
+            call: SimulatedCall = SpokenCall(self.base_url, http, auth_token=self.auth_token, public_url=self.public_url,
+                                             webhook_query=query, clock=self.clock, speech=o.speech or {})
+        else:
+            call = SimulatedCall(self.base_url, http, auth_token=self.auth_token, public_url=self.public_url,
+                                 webhook_query=query, clock=self.clock)
         res.call = call
         res.call_sid = call.record.call_sid
         res.t_placed = time.monotonic()
@@ -339,6 +350,9 @@ class LoadTest:
                     self.public_url = (o.public_url or self.base_url).rstrip("/")
                 else:
                     emu_url = await self._start_emulator()
+                    if o.scenario == "spoken" and not o.speech:
+                        assert self.emulator is not None and self.emulator.http_url is not None
+                        o.speech = await prefetch_speech(http, self.emulator.http_url)
                     if o.agent_server:
                         await self._start_agent_server(http)
                     await self._start_bridge(http, emu_url)
@@ -401,6 +415,8 @@ class LoadTest:
                 "chunks": emu.chunks_total, "chunk_lateness_ms": emu.lateness_ms(),
                 "first_chunk_lateness_ms": emu.lateness_ms(first_chunks=True)},
             agent_url=self.agent_url,
+            transcripts=None if emu is None or self.opts.scenario != "spoken" else {
+                rec.context_id: rec.transcript for rec in emu.records},
             agent=None if agent is None else {
                 "process": "bridge.loadtest.agent_server", "pid": agent.pid, "url": agent.url,
                 "args": self.opts.agent_server_args, "cpu_percent": self.agent_cpu, "stats": agent_stats},

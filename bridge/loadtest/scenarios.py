@@ -1,5 +1,5 @@
 """What a simulated caller does once its stream is up: the ``talk``, ``conversation``,
-``barge-in`` and ``idle`` scenarios (see ``bridge.loadtest``)."""
+``barge-in``, ``idle`` and ``spoken`` (in ``spoken``) scenarios (see ``bridge.loadtest``)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,12 @@ async def run_scenario(name: str, call: SimulatedCall, res: CallResult, end_at: 
         res.live_ttfa.append(call.record.arrivals[0][0] - res.t_started)
     if name == "idle":
         await wait_for(closed, end_at, 0.25)
+        return
+    if name == "spoken":
+        from .spoken import SpokenCall, run_spoken
+
+        assert isinstance(call, SpokenCall), "the runner places SpokenCalls for the spoken scenario"
+        await run_spoken(call, res, end_at, rng)
         return
     while time.monotonic() < end_at and not closed():
         if not await wait_quiet(call, end_at, TALK_QUIET_S if name == "talk" else QUIET_S):
