@@ -25,8 +25,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 #: Latency buckets (seconds) for 10 ms to 5 s, the span from a fast final transcript to a
 #: slow agent reply; two wider buckets above so a stall still shows where it landed.
 SPEECH_LATENCY_BUCKETS: Final = (
-    0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75,
-    1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0,
+    # 25 ms steps where turns end (speechTimeout 400-1000 ms + finalize + first audio), coarser outside.
+    0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.425, 0.45, 0.475, 0.5, 0.525,
+    0.55, 0.575, 0.6, 0.625, 0.65, 0.675, 0.7, 0.725, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.1, 1.2, 1.3, 1.5,
+    1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0,
 )
 
 #: ``bridge_stt_errors_total`` kinds, pre-created so a dashboard shows zeros, not gaps.

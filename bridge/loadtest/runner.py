@@ -149,6 +149,10 @@ class LoadTest:
         if self.opts.scenario == "spoken":
             # Every call listens (the built-in agent too), each with its own STT socket.
             env.update({"STT_ENABLED": "true", "CARTESIA_STT_MAX_CONCURRENCY": str(self.opts.calls + 10)})
+        else:
+            # The other scenarios measure speech out only (their callers' tone or DTMF is no speech):
+            # no STT socket per call, also with an external agent (where the bridge's default is to listen).
+            env["STT_ENABLED"] = "false"
         env.update(self.opts.bridge_env)
         self.report_dir.mkdir(parents=True, exist_ok=True)
         self.bridge = BridgeProcess(port, env, self.report_dir / "bridge.log", self.bridge_cpus)
