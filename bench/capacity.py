@@ -29,7 +29,10 @@ the emulator, which must support it). It prints one table:
   first sentence (11 words at ``--agent-tokens-per-s``), and the greeting's the agent's WebSocket connect;
 * bridge add ms: mean(text -> first frame sent) - mean(text -> first Cartesia chunk), the bridge's own share;
 * load CPU %: emulator + callers (to see that the load side was not the bottleneck);
-* agent CPU %: the external agent process (also on the load CPUs), "-" with the built-in agent.
+* agent CPU %: the external agent process (also on the load CPUs), "-" with the built-in agent;
+* core busy %: the bridge CPU's busy time from every process (median of 1 s samples over the talk
+  run): far above bridge CPU % means other work shared the bridge's core (a noisy machine), and then
+  lag, underruns and the CPU figures are not the bridge's capacity.
 
 Every run is bounded (``--ramp-s + --duration-s + 60 s``). Reports land in
 ``--out/<N>/report.json``; the table also goes to ``--out/table.md``.
@@ -46,14 +49,48 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from bridge.loadtest.processes import parse_cpus
+from bridge.stats import percentile
+
 COLUMNS = ("calls", "bridge CPU %", "CPU ms/call-s", "fwd p50 ms", "fwd p99 ms", "underruns", "gaps tts/held",
            "mismatches",
            "lag p99 ms", "KB/call speaking", "KB/call idle", "TTFA p50 ms (greeting / passage)", "bridge add ms", "load CPU %",
-           "agent CPU %", "completed")
+           "agent CPU %", "core busy %", "completed")
+
+
+class CoreBusy:
+    """Busy % of ``cpus`` (all processes), sampled every second in a thread while a run lasts."""
+
+    def __init__(self, cpus: set[int]) -> None:
+        self.cpus = sorted(cpus)
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="core-busy", daemon=True)
+
+    def _run(self) -> None:
+        psutil.cpu_percent(percpu=True)
+        while not self._stop.wait(1.0):
+            per_cpu = psutil.cpu_percent(percpu=True)
+            self.samples.append(sum(per_cpu[c] for c in self.cpus if c < len(per_cpu)) / len(self.cpus))
+
+    def __enter__(self) -> CoreBusy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+    def median(self) -> float | None:
+        v = percentile(self.samples, 0.5)
+        return None if v is None else round(v, 1)
 
 
 def emulator_args(args: argparse.Namespace) -> str:
@@ -89,12 +126,14 @@ def run_loadtest(n: int, scenario: str, out: Path, args: argparse.Namespace, ext
     for e in extra_env:
         cmd += ["--bridge-env", e]
     t = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.ramp_s + args.duration_s + 240)
+    with CoreBusy(parse_cpus(args.bridge_cpu)) as busy:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.ramp_s + args.duration_s + 240)
     report_path = out / "report.json"
     if not report_path.exists():
         raise RuntimeError(f"loadtest N={n} {scenario} produced no report (rc {proc.returncode}): {proc.stderr[-2000:]}")
     report: dict[str, Any] = json.loads(report_path.read_text())
     report["_wall_s"] = round(time.monotonic() - t, 1)
+    report["_core_busy_percent"] = busy.median()
     return report
 
 
@@ -120,6 +159,7 @@ def row(n: int, talk: dict[str, Any], idle: dict[str, Any] | None) -> dict[str, 
         "bridge add ms": round(t2ff - ttfb, 3) if t2ff is not None and ttfb is not None else None,
         "load CPU %": talk["loadtester"]["cpu_percent_mean"],
         "agent CPU %": (talk.get("agent") or {}).get("cpu_percent_mean"),
+        "core busy %": talk.get("_core_busy_percent"),
         "completed": f"{talk['calls']['completed']}/{n}",
     }
 
