@@ -188,7 +188,8 @@ def test_no_import_cycle_in_the_house(type_checking: bool) -> None:
 
 
 SANS_IO_MODULES = ("bridge.call", "bridge.playout", "telephony.media", "bridge.cartesia.protocol",
-                   "bridge.agent.protocol")
+                   "bridge.agent.protocol", "bridge.cartesia.stt_protocol", "bridge.hearing",
+                   "bridge.agent.relay_settings", "telephony.dtmf_tones")
 
 
 @pytest.mark.parametrize("module", SANS_IO_MODULES)
