@@ -777,8 +777,8 @@ def test_running_bridge_serves_probes_and_metrics(running_bridge: Any) -> None:
 def test_cli_accepts_the_flags_deploy_uses() -> None:
     require((REPO / "bridge" / "cli.py").is_file(), "bridge/cli.py does not exist yet")
     require(
-        (REPO / "bridge" / "loadtest.py").is_file(),
-        "bridge/loadtest.py (media-bridge loadtest) does not exist yet",
+        (REPO / "bridge" / "loadtest" / "cli.py").is_file(),
+        "bridge/loadtest/ (media-bridge loadtest) does not exist yet",
     )
     for sub, flags in (
         ("serve", ("--host", "--port")),
