@@ -10,15 +10,20 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+from websockets.asyncio.server import ServerConnection, serve
+
 from bridge.chaos.integrity import ChainIndex, check_call
 from bridge.chaos.report import build_report, summary_lines
 from bridge.chaos.runner import Chaos, ChaosOptions
 from metrics.scrape import value
+from metrics.speech import SpeechMetrics
 from telephony.media import FRAME_BYTES
 
 from .conftest import BridgeFactory
 from .relay_agent import RelayAgent
 from .test_call_e2e import wait_for
+from .test_stt_client import FRAME, Recorder, SttPeer, frame, make_stream
 
 # ------------------------------------------------------------------ the audio check (no I/O)
 
@@ -91,6 +96,45 @@ async def test_drain_returns_after_the_calls_it_ended_have_let_go(make_bridge: B
             await call.close()
     finally:
         await agent.stop()
+
+
+async def test_stt_socket_killed_on_every_replay_gives_the_turn_up_instead_of_reconnecting_forever() -> None:
+    """Found by the chaos run (emulator ``--stt-fault close-after-chunks=6``): a server that kills
+    every socket while the turn is replayed made each loss a new episode, so the stream reconnected
+    every ~75 ms for the whole call (112 losses in 5 calls of 5 s) and the turn was neither heard
+    nor reported lost. Now the episode runs on until progress: back-off grows, the window expires,
+    the turn is reported lost once, and retries slow down."""
+    connections = 0
+
+    async def kill_after_five_frames(ws: ServerConnection) -> None:
+        nonlocal connections
+        connections += 1
+        got = 0
+        async for message in ws:
+            got += len(message) if isinstance(message, bytes) else 0
+            if got >= 5 * FRAME:
+                ws.transport.abort()
+                return
+
+    server = await serve(kill_after_five_frames, "127.0.0.1", 0, compression=None)
+    try:
+        peer = SttPeer()
+        peer.url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        metrics = SpeechMetrics(CollectorRegistry(auto_describe=True))
+        listener = Recorder()
+        stream = make_stream(peer, listener, metrics, reconnect_window_s=0.5, slow_retry_s=1.0)
+        await stream.start()
+        for i in range(20):  # a turn in progress, longer than any socket survives
+            stream.send_audio(frame(i))
+        await listener.wait_for(lambda: any(k == "lost" and p[1] for k, p in listener.events), 5.0)
+        await asyncio.sleep(0.5)
+        # 0.5 s window of growing back-off (20, 40, 80, 160 ms...), then one try per ~1 s: a handful.
+        assert connections <= 10, f"{connections} connections in about a second"
+        assert metrics.registry.get_sample_value("bridge_stt_turns_lost_total") == 1
+        await stream.close()
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 # ------------------------------------------------------------------ the short run

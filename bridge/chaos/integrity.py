@@ -119,45 +119,89 @@ class _Match:
     missing: int = 0
 
 
-def _match(stream: bytes, p: int, end: int, index: ChainIndex, depth: int, first_word: str | None) -> _Match | None:
-    """The utterance starting at ``p`` (a continuation when ``first_word`` is given: a context
-    whose words start with it); prefers whole matches."""
+def _common_prefix(stream: bytes, p: int, a: bytes, limit: int) -> int:
+    """How many bytes ``stream[p:]`` and ``a`` have in common (at most ``limit``); binary search on slices."""
+    if stream[p:p + limit] == a[:limit]:
+        return limit
+    lo, hi = 0, limit  # stream[p:p+lo] == a[:lo]; stream[p:p+hi] != a[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if stream[p:p + mid] == a[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _options(stream: bytes, p: int, end: int, index: ChainIndex, depth: int, first_word: str | None) -> list[_Match]:
+    """Every way an utterance (or, with ``first_word``, its continuation on a new context whose
+    words start with it) can start at ``p`` within ``[p, end)``."""
     if depth > MAX_PIECES:
-        return None
+        return []
     cands = index.candidates(stream, p)
     if first_word is not None:
         cands = [c for c in cands if c.words[:1] == [first_word]]
     rest = end - p
-    for piece in cands:  # the whole audio, then padding
+    out: list[_Match] = []
+    for piece in cands:
         a = piece.audio
-        if rest >= len(a) and stream[p:p + len(a)] == a:
-            stop = _padded_end(stream, p + len(a), end)
+        n = _common_prefix(stream, p, a, min(rest, len(a)))
+        if n == len(a):  # the whole audio, then padding
+            stop = _padded_end(stream, p + n, end)
             if stop is not None:
-                return _Match(stop, depth, "ok")
-    for piece in cands:  # resumed at a word boundary on a new context
-        a = piece.audio
+                out.append(_Match(stop, depth, "ok"))
+        elif n == rest:  # a prefix up to a clear or the end of the stream
+            out.append(_Match(end, depth, "interrupted"))
         for b, k in piece.bounds:
-            # The new context says only the words after the cut, so a word is never heard twice.
-            if k < len(piece.words) and b < rest and stream[p:p + b] == a[:b]:
-                nxt = _match(stream, p + b, end, index, depth + 1, piece.words[k])
-                if nxt is not None:
-                    return nxt
-    for piece in cands:  # a prefix up to a clear or the end of the stream
-        a = piece.audio
-        if rest < len(a) and stream[p:end] == a[:rest]:
-            return _Match(end, depth, "interrupted")
-    for piece in cands:  # given up: a prefix, padding, and the next utterance
-        a = piece.audio
-        n = 0
-        limit = min(rest, len(a))
-        while n < limit and stream[p + n] == a[n]:
-            n += 1
-        if n == 0:
-            continue
-        stop = _padded_end(stream, p + n, end)
-        if stop is not None and stop > p and (stop == end or index.starts_at(stream, stop)):
-            return _Match(stop, depth, "cut_short", len(a) - n)
-    return None
+            # Resumed on a new context, which says only the words after the cut: never a word twice.
+            if b <= n and b < rest and k < len(piece.words):
+                out.extend(_options(stream, p + b, end, index, depth + 1, piece.words[k]))
+        if 0 < n < len(a):  # given up: a prefix, padding, and the next utterance
+            stop = _padded_end(stream, p + n, end)
+            if stop is not None and (stop == end or index.starts_at(stream, stop)):
+                out.append(_Match(stop, depth, "cut_short", len(a) - n))
+    return out
+
+
+@dataclass(slots=True)
+class _Parse:
+    """The best reading of ``[p, end)``: fewest bytes unexplained, then fewest utterances cut short."""
+
+    mismatch: int
+    cut_short: int
+    steps: list[tuple[int, _Match | None]]  # (start, match or None for a mismatching span to the next start)
+
+
+def _parse(stream: bytes, start: int, end: int, index: ChainIndex) -> _Parse:
+    memo: dict[int, _Parse] = {}
+
+    def best(p: int) -> _Parse:
+        """Iterative from the end would need every position; memoised recursion visits only reachable ones."""
+        if p >= end:
+            return _Parse(0, 0, [])
+        if p in memo:
+            return memo[p]
+        choice: _Parse | None = None
+        for m in _options(stream, p, end, index, 1, None):
+            if m.end <= p:
+                continue
+            tail = best(m.end)
+            cand = _Parse(tail.mismatch, tail.cut_short + (m.kind == "cut_short"), [(p, m), *tail.steps])
+            if choice is None or (cand.mismatch, cand.cut_short) < (choice.mismatch, choice.cut_short):
+                choice = cand
+        if choice is None or choice.mismatch:
+            q = p + FRAME_BYTES
+            while q < end and not index.starts_at(stream, q):
+                q += FRAME_BYTES
+            q = min(q, end)
+            tail = best(q)
+            cand = _Parse(tail.mismatch + (q - p), tail.cut_short, [(p, None), *tail.steps])
+            if choice is None or (cand.mismatch, cand.cut_short) < (choice.mismatch, choice.cut_short):
+                choice = cand
+        memo[p] = choice
+        return choice
+
+    return best(start)
 
 
 def check_call(stream: bytes, clear_offsets: Sequence[int], index: ChainIndex) -> CallIntegrity:
@@ -166,18 +210,13 @@ def check_call(stream: bytes, clear_offsets: Sequence[int], index: ChainIndex) -
     bounds = sorted({o for o in clear_offsets if 0 < o < len(stream)}) + [len(stream)]
     start = 0
     for end in bounds:
-        p = start
-        while p < end:
-            m = _match(stream, p, end, index, 1, None)
+        parse = _parse(stream, start, end, index)
+        for i, (p, m) in enumerate(parse.steps):
             if m is None:
-                q = p + FRAME_BYTES
-                while q < end and not index.starts_at(stream, q):
-                    q += FRAME_BYTES
-                q = min(q, end)
-                out.mismatch_bytes += q - p
+                nxt = parse.steps[i + 1][0] if i + 1 < len(parse.steps) else end
+                out.mismatch_bytes += nxt - p
                 if len(out.mismatch_offsets) < 5:
                     out.mismatch_offsets.append(p)
-                p = q
                 continue
             out.utterances += 1
             out.resumed += int(m.pieces > 1)
@@ -186,6 +225,5 @@ def check_call(stream: bytes, clear_offsets: Sequence[int], index: ChainIndex) -
             elif m.kind == "cut_short":
                 out.cut_short += 1
                 out.cut_short_bytes += m.missing
-            p = m.end
         start = end
     return out
