@@ -133,34 +133,51 @@ def _common_prefix(stream: bytes, p: int, a: bytes, limit: int) -> int:
     return lo
 
 
-def _options(stream: bytes, p: int, end: int, index: ChainIndex, depth: int, first_word: str | None) -> list[_Match]:
+_Memo = dict[tuple[int, str | None], list[_Match]]
+
+
+def _options(stream: bytes, p: int, end: int, index: ChainIndex, depth: int, first_word: str | None,
+             memo: _Memo) -> list[_Match]:
     """Every way an utterance (or, with ``first_word``, its continuation on a new context whose
-    words start with it) can start at ``p`` within ``[p, end)``."""
+    words start with it) can start at ``p`` within ``[p, end)``; one per (end, kind), memoised
+    per position (a run of identical words would otherwise branch exponentially)."""
+    key = (p, first_word)
+    if key in memo:
+        return memo[key]
     if depth > MAX_PIECES:
         return []
+    memo[key] = []  # a chain cannot continue into itself
     cands = index.candidates(stream, p)
     if first_word is not None:
         cands = [c for c in cands if c.words[:1] == [first_word]]
     rest = end - p
-    out: list[_Match] = []
+    found: dict[tuple[int, str], _Match] = {}
+
+    def add(m: _Match) -> None:
+        old = found.get((m.end, m.kind))
+        if old is None or (m.missing, m.pieces) < (old.missing, old.pieces):
+            found[(m.end, m.kind)] = m
+
     for piece in cands:
         a = piece.audio
         n = _common_prefix(stream, p, a, min(rest, len(a)))
         if n == len(a):  # the whole audio, then padding
             stop = _padded_end(stream, p + n, end)
             if stop is not None:
-                out.append(_Match(stop, depth, "ok"))
+                add(_Match(stop, 1, "ok"))
         elif n == rest:  # a prefix up to a clear or the end of the stream
-            out.append(_Match(end, depth, "interrupted"))
+            add(_Match(end, 1, "interrupted"))
         for b, k in piece.bounds:
             # Resumed on a new context, which says only the words after the cut: never a word twice.
             if b <= n and b < rest and k < len(piece.words):
-                out.extend(_options(stream, p + b, end, index, depth + 1, piece.words[k]))
+                for m in _options(stream, p + b, end, index, depth + 1, piece.words[k], memo):
+                    add(_Match(m.end, m.pieces + 1, m.kind, m.missing))
         if 0 < n < len(a):  # given up: a prefix, padding, and the next utterance
             stop = _padded_end(stream, p + n, end)
             if stop is not None and (stop == end or index.starts_at(stream, stop)):
-                out.append(_Match(stop, depth, "cut_short", len(a) - n))
-    return out
+                add(_Match(stop, 1, "cut_short", len(a) - n))
+    memo[key] = list(found.values())
+    return memo[key]
 
 
 @dataclass(slots=True)
@@ -174,6 +191,7 @@ class _Parse:
 
 def _parse(stream: bytes, start: int, end: int, index: ChainIndex) -> _Parse:
     memo: dict[int, _Parse] = {}
+    options: _Memo = {}
 
     def best(p: int) -> _Parse:
         """Iterative from the end would need every position; memoised recursion visits only reachable ones."""
@@ -182,7 +200,7 @@ def _parse(stream: bytes, start: int, end: int, index: ChainIndex) -> _Parse:
         if p in memo:
             return memo[p]
         choice: _Parse | None = None
-        for m in _options(stream, p, end, index, 1, None):
+        for m in _options(stream, p, end, index, 1, None, options):
             if m.end <= p:
                 continue
             tail = best(m.end)

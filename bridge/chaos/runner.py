@@ -73,9 +73,14 @@ class ChaosOptions:
     refuse_window_s: float = 1.5
     drain_grace_s: float = 3.0
     emulator_args: str = "--ttfb-ms 60 --rtf 0.25 --jitter-ms 10 --cancel-stops-inflight"
-    #: TTS faults (``close-after-chunks`` defaults to 10 x calls, at least 200).
+    #: TTS faults (``close-after-chunks`` is added: 2 x calls, at least 100, so each Cartesia socket dies a
+    #: few times in a run of any size).
     faults: list[str] = field(default_factory=lambda: ["reject-429=0.05", "no-done=0.05", "delay-ms=150:0.05"])
-    stt_faults: list[str] = field(default_factory=lambda: ["close-after-chunks=6", "delay-ms=100:0.1"])
+    #: STT faults. ``close-after-chunks`` counts transcripts, partial ones too: at 6 no turn ever
+    #: completed (each replay of the turn was killed again); at 12 a socket dies in about every
+    #: second turn and the replay of that turn (at most 9 transcripts) completes.
+    stt_faults: list[str] = field(default_factory=lambda: ["close-after-chunks=12", "reject-429=0.1", "no-done=0.1",
+                                                           "delay-ms=100:0.1"])
     report: str = "out/chaos"
     timeout_s: float | None = None
 
@@ -159,7 +164,7 @@ class Chaos:
 
         parser = argparse.ArgumentParser(add_help=False)
         add_arguments(parser)
-        close_after = max(200, 10 * self.opts.calls)
+        close_after = max(100, 2 * self.opts.calls)
         args = [*shlex.split(self.opts.emulator_args), "--seed", str(self.opts.seed),
                 "--api-key", self.secrets.cartesia, "--fault", f"close-after-chunks={close_after}"]
         for f in self.opts.faults:
