@@ -8,8 +8,10 @@ drain halfway. It fails on any lost or repeated audio, leak, unexpected exceptio
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 from websockets.asyncio.server import ServerConnection, serve
 
@@ -135,6 +137,29 @@ async def test_stt_socket_killed_on_every_replay_gives_the_turn_up_instead_of_re
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_an_agent_message_over_the_socket_cap_is_logged_with_its_cause(
+        make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by the chaos run: a 300 KB agent message closed the agent socket (1009) and the
+    bridge logged ``agent_disconnected`` with ``reason="agent socket error: None"``."""
+    agent = RelayAgent()
+    await agent.start()
+    try:
+        bridge = await make_bridge({"AGENT_URL": agent.url, "RELAY_WELCOME_GREETING": "Welcome."})
+        agent.auth_token = bridge.token
+        call = bridge.call()
+        await call.place()
+        await call.connect()
+        await agent.next("setup")
+        with caplog.at_level(logging.WARNING, logger="bridge"):
+            await agent.send({"type": "text", "token": "y" * 300_000, "last": True})
+            assert await wait_for(lambda: any(r.getMessage() == "agent_disconnected" for r in caplog.records), 10)
+        reason = next(r for r in caplog.records if r.getMessage() == "agent_disconnected").__dict__["reason"]
+        assert "None" not in reason and ("1009" in reason or "too big" in reason.lower()), reason
+        await call.close()
+    finally:
+        await agent.stop()
 
 
 # ------------------------------------------------------------------ the short run

@@ -15,7 +15,7 @@ The bridge connects to ``url`` for every call (``AGENT_URL``); the call's behavi
 * ``silent``: accepts the socket and never sends anything.
 
 Bounded: an endless stream stops when the bridge closes the socket (or after
-``MAX_ENDLESS_TOKENS``); every task is owned by the server and cancelled by ``stop``.
+``MAX_ENDLESS_TOKENS``); reply streams belong to their socket's handler, which cancels them when it ends.
 Counts what it received per type and whether ``Authorization`` carried the expected token.
 """
 
@@ -67,7 +67,6 @@ class HostileAgent:
         #: Distinct ``error`` descriptions the bridge sent (at most ``MAX_KEPT_ERRORS``), for the secrets scan.
         self.error_texts: set[str] = set()
         self._runner: web.AppRunner | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         app = web.Application()
@@ -79,9 +78,8 @@ class HostileAgent:
         self.url = f"ws://127.0.0.1:{port}/agent"
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Each socket's handler owns its reply streams and cancels them when it ends; cleanup ends
+        the handlers."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -89,11 +87,6 @@ class HostileAgent:
     def stats(self) -> dict[str, Any]:
         return {"sockets_by_mode": dict(self.sockets_by_mode), "received_by_type": dict(self.received),
                 "bad_auth": self.bad_auth, "open_sockets": self.open_sockets}
-
-    def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, request: web.Request) -> web.WebSocketResponse:
         if self.expected_token is not None and request.headers.get("Authorization") != f"Bearer {self.expected_token}":

@@ -69,6 +69,12 @@ class CallerOutcome:
     error_bodies: list[str] = field(default_factory=list)
 
 
+def refusal_status(call: SimulatedCall) -> str:
+    """A refused call is polite when the TwiML says something and hangs up (``<Say>``, ``<Hangup>``)."""
+    twiml = call.twiml or ""
+    return "refused" if "<Say" in twiml and "<Hangup" in twiml else "failed:impolite_refusal"
+
+
 def _factory(call: SimulatedCall) -> TwilioMessageFactory:
     return TwilioMessageFactory(call.record.stream_sid, call.record.call_sid, call.account_sid, {})
 
@@ -147,7 +153,7 @@ async def listening_call(base_url: str, http: aiohttp.ClientSession, token: str,
     out.call = call
     stream = await asyncio.wait_for(call.place(), CONNECT_TIMEOUT_S)
     if stream is None:
-        out.status = "refused"
+        out.status = refusal_status(call)
         return
     await asyncio.wait_for(call.connect(), CONNECT_TIMEOUT_S)
     end_at = time.monotonic() + end_after_s
@@ -209,7 +215,7 @@ async def raw_call(base_url: str, http: aiohttp.ClientSession, token: str, out: 
     call = SimulatedCall(base_url, http, auth_token=token, webhook_query={"chaosAgent": out.agent_mode})
     ws = await _raw_socket(call)
     if ws is None:
-        out.status = "refused"
+        out.status = refusal_status(call)
         return
     f = TwilioMessageFactory(call.record.stream_sid, call.record.call_sid, call.account_sid, {})
     end_at = time.monotonic() + end_after_s

@@ -11,8 +11,8 @@ Must be zero (``failures`` lists every one that is not):
   bridges still up after their calls, in ``/metrics``;
 * exit codes (0), ``/readyz`` 503 while draining;
 * log lines at ERROR or with a traceback, outside ``EXPECTED_ERROR_EVENTS``, and non-JSON lines;
-* occurrences of the run's secrets in the bridges' logs, ``/metrics``, error bodies and the
-  ``error`` texts the agent received.
+* occurrences of the run's secrets in the bridges' logs, ``/metrics``, error bodies, every
+  TwiML answer and the ``error`` texts the agent received.
 """
 
 from __future__ import annotations
@@ -182,6 +182,7 @@ def _secrets(run: ChaosRun) -> dict[str, int]:
         texts.append(b.metrics_text.encode())
         texts.append(b.final_metrics_text.encode())
     texts.extend(t.encode() for t in run.bodies)
+    texts.extend(o.call.twiml.encode() for o in run.outcomes if o.call is not None and o.call.twiml)
     texts.extend(t.encode() for t in run.agent.error_texts)
     return {name: sum(t.count(secret.encode()) for t in texts) for name, secret in run.secrets.all().items()}
 
@@ -230,6 +231,7 @@ def build_report(run: ChaosRun) -> dict[str, Any]:
         "agent": run.agent.stats() | {"speech_errors_total": sum(run.agent.speech_errors.values())},
         "hostile_cartesia": run.cartesia.stats(),
         "emulator": {"chunks": run.emulator.chunks_total, "contexts_recorded": len(list(run.emulator.records))},
+        "load_side_errors": run.load_side_errors,
         "failures": failures,
     }
 
@@ -278,6 +280,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"hostile agent: {report['agent']}",
         f"hostile cartesia: {report['hostile_cartesia']}",
         f"secrets seen in logs, /metrics, error bodies, agent errors: {report['secrets_seen']}",
+        f"load side (emulator, peers, callers; not the bridge's): errors {report['load_side_errors'] or 0}",
         "verdict: " + ("OK (every must-be-zero figure is 0)" if not report["failures"]
                        else "FAIL\n  " + "\n  ".join(report["failures"])),
     ]

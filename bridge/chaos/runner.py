@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import secrets
@@ -101,6 +102,22 @@ class Secrets:
         return {"TWILIO_AUTH_TOKEN": self.twilio, "CARTESIA_API_KEY": self.cartesia, "AGENT_TOKEN": self.agent}
 
 
+class LoadSideErrors(logging.Handler):
+    """Counts ERROR records of this process (the emulator, the hostile peers, the callers) by message.
+
+    They are not the bridge's, so they do not fail the run, but they are printed: e.g. aiohttp's
+    "Error handling request" when a bridge gives up on an STT handshake the emulator is answering.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.counts: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        key = f"{record.name}: {record.getMessage()[:80]}"
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+
 @dataclass
 class BridgeRun:
     """One bridge process of the run and what was measured of it."""
@@ -131,6 +148,7 @@ class ChaosRun:
     bodies: list[str]
     wall_s: float
     timed_out: bool
+    load_side_errors: dict[str, int] = field(default_factory=dict)
 
 
 def _plan(opts: ChaosOptions, t_sigterm: float) -> list[tuple[float, CallerOutcome]]:
@@ -260,12 +278,14 @@ class Chaos:
             raise
         except (TimeoutError, aiohttp.ClientError, OSError, RuntimeError) as exc:
             out.status = f"failed:{type(exc).__name__}"
-            if out.call is not None and out.call.twiml is not None and out.status != "refused":
-                self.bodies.append(out.call.twiml)
 
     async def run(self) -> ChaosRun:
         o = self.opts
         started = time.monotonic()
+        load_errors = LoadSideErrors()
+        aiohttp_server_log = logging.getLogger("aiohttp.server")
+        aiohttp_server_log.addHandler(load_errors)
+        aiohttp_server_log.propagate = False  # counted and printed once, not a traceback per handshake
         emulator = self._emulator()
         agent = HostileAgent(expected_token=self.secrets.agent)
         cartesia = HostileCartesia()
@@ -320,8 +340,10 @@ class Chaos:
             await agent.stop()
             await cartesia.stop()
             await emulator.stop()
+            aiohttp_server_log.removeHandler(load_errors)
+            aiohttp_server_log.propagate = True
         return ChaosRun(o, self.secrets, outcomes, bridges, emulator, agent, cartesia, self.bodies,
-                        time.monotonic() - started, timed_out)
+                        time.monotonic() - started, timed_out, load_errors.counts)
 
 
 def bridge_log_lines(b: BridgeRun) -> list[bytes]:
