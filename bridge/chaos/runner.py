@@ -176,6 +176,7 @@ class Chaos:
         self.secrets = Secrets()
         self.report_dir = Path(opts.report)
         self.bodies: list[str] = []
+        self._ports: set[int] = set()
 
     def _emulator(self) -> Emulator:
         from bridge.cartesia.emulator.cli import add_arguments, settings_from_args
@@ -196,7 +197,12 @@ class Chaos:
         return Emulator(settings)
 
     def _bridge(self, name: str, cartesia_url: str, agent_url: str) -> BridgeRun:
+        # free_port() may hand out the same port twice in a row: two bridges would then race for it,
+        # the loser would exit, and its /readyz would be answered by the winner (its calls with it).
         port = free_port()
+        while port in self._ports:
+            port = free_port()
+        self._ports.add(port)
         base = f"http://127.0.0.1:{port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CARTESIA_", "AGENT_", "TWILIO_", "RELAY_"))}
         env.update(self.secrets.all())
@@ -300,6 +306,9 @@ class Chaos:
                 bridges = {"old": self._bridge("old", emu_url, agent.url), "new": self._bridge("new", emu_url, agent.url),
                            "hostile": self._bridge("hostile", cartesia.url, agent.url)}
                 await asyncio.gather(*(b.process.wait_ready(http, 30.0) for b in bridges.values()))
+                await asyncio.sleep(0.3)
+                for b in bridges.values():  # each /readyz was answered by its own process
+                    b.process.check_alive(f"bridge {b.name}")
                 for b in bridges.values():
                     b.rss_before_mb = rss_mb(b.process.pid)
                     await self._probe_error_bodies(http, b)
