@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import Any
 
 from bridge.logs import configure_logging
 
@@ -19,7 +20,7 @@ MAX_DURATION_S = 120.0
 def main(argv: list[str] | None = None) -> int:
     d = ChaosOptions()
     parser = argparse.ArgumentParser(
-        prog="media-bridge chaos", description=(__doc__ or "") + "\n\n" + (sys.modules["bridge.chaos"].__doc__ or ""),
+        prog="media-bridge chaos", description=sys.modules["bridge.chaos"].__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=d.calls, help=f"calls placed (2-{MAX_CALLS})")
     parser.add_argument("--ramp-s", type=float, default=d.ramp_s, help="calls are placed evenly over this long, s")
@@ -56,6 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if not report["failures"] else 1
 
 
-async def _run(opts: ChaosOptions) -> dict:  # type: ignore[type-arg]
+async def _run(opts: ChaosOptions) -> dict[str, Any]:
     run = await Chaos(opts).run()
     return build_report(run)
