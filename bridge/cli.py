@@ -1,4 +1,4 @@
-"""``media-bridge``: serve | emulator | demo | loadtest."""
+"""``media-bridge``: serve | emulator | demo | loadtest | chaos."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import gc
 import logging
 import signal
 import sys
+from typing import Any
 
 from bridge.config import Config, ConfigError, env_help
 from bridge.logs import configure_logging, log_event
@@ -45,9 +46,27 @@ async def _serve(config: Config, host: str, port: int) -> int:
     await stop.wait()
     log_event(log, "sigterm_received", calls=len(server.calls), grace_s=config.drain_grace_s)
     ended = await server.drain(config.drain_grace_s)
+    calls_gauges = _call_gauges(server)  # before cleanup closes the pool: what the calls left behind
     await runner.cleanup()
-    log_event(log, "stopped", ended_calls=ended)
+    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    # What a leak looks like at exit: tasks no owner cancelled, gauges no call brought back to 0.
+    log_event(log, "stopped", ended_calls=ended, tasks_left=len(left),
+              task_names=sorted({t.get_name() for t in left})[:20] or None, gauges=calls_gauges)
     return 0
+
+
+#: Gauges that count what calls hold; each must be 0 once every call has ended.
+CALL_GAUGES = ("bridge_active_calls", "bridge_cartesia_active_contexts", "bridge_cartesia_admission_queue",
+               "bridge_agent_connections", "bridge_stt_sockets", "bridge_playout_buffered_bytes")
+
+
+def _call_gauges(server: Any) -> dict[str, float]:
+    from prometheus_client import generate_latest
+
+    from metrics.scrape import parse_samples, value
+
+    samples = parse_samples(generate_latest(server.metrics.registry).decode())
+    return {name: value(samples, name) for name in CALL_GAUGES}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,11 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("loadtest", help="many simulated calls; JSON + HTML report (see `media-bridge loadtest --help`)",
                    add_help=False)
 
+    sub.add_parser("chaos", help="faults, hostile peers and a drain in one run (see `media-bridge chaos --help`)",
+                   add_help=False)
+
     args, rest = parser.parse_known_args(argv)
     if args.command == "emulator":
         from bridge.cartesia.emulator.cli import main as emulator_main
 
         return emulator_main(rest)
+    if args.command == "chaos":
+        from bridge.chaos.cli import main as chaos_main
+
+        return chaos_main(rest)
     if args.command == "loadtest":
         from bridge.loadtest import main as loadtest_main
 

@@ -70,6 +70,8 @@ WS_HARD_MAX_MSG: Final = 1024 * 1024
 #: Webhook parameters forwarded to the stream as <Parameter>s.
 #: Concurrent HTTP connections for `play` downloads (the fetcher also bounds concurrent fetches).
 PLAY_FETCH_CONNECTIONS: Final = 8
+#: After a drain has ended its calls, how long it waits for them to release everything, s.
+DRAIN_RELEASE_S: Final = 5.0
 FORWARDED_PARAMS: Final = {"From": "from", "To": "to", "Direction": "direction"}
 #: Webhook form fields kept for the agent's ``setup`` (ConversationRelay names them alike).
 CALL_FACTS: Final = {"From": "from", "To": "to", "Direction": "direction", "CallerName": "caller_name",
@@ -319,6 +321,11 @@ class BridgeServer:
         remaining = list(self.calls)
         for call in remaining:
             await call.hang_up("drained")
+        # Each ended call releases its contexts, agent and STT sockets in its own handler: wait for that
+        # (bounded), so the process does not close the shared pool under calls still letting go of it.
+        release_by = time.monotonic() + DRAIN_RELEASE_S
+        while any(call in self.streams for call in remaining) and time.monotonic() < release_by:
+            await asyncio.sleep(0.02)
         log_event(log, "drain_finished", ended_calls=len(remaining))
         return len(remaining)
 

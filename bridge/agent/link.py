@@ -136,7 +136,8 @@ class RemoteAgentLink(AgentLink):
         try:
             async for msg in self._ws:
                 if msg.type == aiohttp.WSMsgType.ERROR:
-                    reason = f"agent socket error: {self._ws.exception()}"
+                    # aiohttp puts the cause (e.g. 1009, a message over the size cap) in the message itself.
+                    reason = f"agent socket error: {self._ws.exception() or msg.data!r}"
                     break
                 try:
                     if msg.type == aiohttp.WSMsgType.TEXT:

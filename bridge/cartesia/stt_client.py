@@ -38,6 +38,10 @@ the I/O edge. Limits and policies (bytes are of the stream's encoding; at the br
   (times 0.5-1.0) until ``close``; meanwhile audio is kept (bounded) in the replay buffer
   and sent first when a socket opens again, followed by ``on_stt_restored()`` only.
   ``on_stt_lost`` is called once per loss, when the outcome for the turn is known.
+  A socket that dies again before any progress (a final transcript or ``flush_done``)
+  does not start a new episode: back-off keeps growing and the window keeps running from
+  the first loss, so a server that kills every socket (say, while it replays the turn)
+  costs one turn and then one attempt per ``slow_retry_s``, not a reconnect every 100 ms.
 * **Word times after a replay restart from 0** on the new socket (Cartesia times words
   from the start of each socket's audio), and a turn whose final transcript arrived but
   whose ``flush_done`` was lost with the socket is transcribed again. Use the text.
@@ -77,6 +81,7 @@ from bridge.cartesia.stt_protocol import (
     SttParams,
     SttProtocolError,
     SttServerMessage,
+    SttTranscript,
     parse_stt_server_message,
 )
 from bridge.logs import log_event
@@ -226,6 +231,10 @@ class SttStream:
         self._closing = False
         self._admitted = False
         self._gave_up = False
+        # A socket that dies again before it made progress (a final transcript or flush_done) continues
+        # the same loss episode: back-off and the give-up window run on, instead of restarting per socket.
+        self._unhealthy_since: float | None = None
+        self._losses_in_a_row = 0
 
     # ------------------------------------------------------------------ public
 
@@ -551,6 +560,9 @@ class SttStream:
             self.metrics.stt_errors.labels(kind="malformed").inc()
             self._log("stt_bad_message", logging.WARNING, error=str(exc)[:200], bytes=len(raw))
             return
+        if isinstance(msg, SttFlushDone) or (isinstance(msg, SttTranscript) and msg.is_final):
+            self._unhealthy_since = None
+            self._losses_in_a_row = 0
         if isinstance(msg, SttFlushDone):
             self._acknowledge_oldest_finalize()
         elif isinstance(msg, SttDone):
@@ -567,8 +579,10 @@ class SttStream:
     async def _reconnect(self, reason: str) -> ClientConnection:
         """Back off and reconnect until it works (or ``close`` cancels us); gives up on the
         turn after ``reconnect_window_s`` (see the module docstring)."""
-        lost_at = time.monotonic()
-        attempt = 0
+        if self._unhealthy_since is None:
+            self._unhealthy_since = time.monotonic()
+        lost_at = self._unhealthy_since
+        attempt = self._losses_in_a_row
         last_failure = "no attempt finished"
         while True:
             attempt += 1
@@ -592,6 +606,7 @@ class SttStream:
                 last_failure = self._connect_failed(exc, first_of_episode=attempt == 1)
                 continue
             self.metrics.stt_reconnects.inc()
+            self._losses_in_a_row = attempt
             turn_lost = self._overflow_epoch is not None
             self._overflow_epoch = None  # reported now; not again for the same overflow
             was_given_up, self._gave_up = self._gave_up, False
