@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers must be at least 1")
     configure_logging(config.log_level)
     if args.worker_index is not None:
+        from bridge.workers import SHARED_DIR_ENV
+
+        if not os.environ.get(SHARED_DIR_ENV):
+            parser.error("--worker-index is set by `serve --workers N` for its workers only")
         _tag_log_lines(args.worker_index)
     elif args.workers > 1:
         from bridge.workers import Supervisor

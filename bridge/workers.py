@@ -26,7 +26,7 @@ What the supervisor does, and nothing else (it serves no request):
   in the totals, its gauges leave them.
 
 Caveat of ``SO_REUSEPORT`` (Linux): connections already queued on a worker's listening
-socket when it dies are reset; the Twilio webhook is retried by Twilio, a media stream is not.
+socket when it dies are reset (that webhook or stream fails).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from urllib.parse import urlencode
 import aiohttp
 import orjson
 import pytest
+import yaml
 
 from bridge.netutil import free_port
 from bridge.shared_registry import SharedCallRegistry
@@ -36,6 +37,7 @@ from telephony.simulator import SimulatedCall
 from tests.relay_agent import RelayAgent
 
 TOKEN = "workers-token"
+REPO = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------ shares and the shared store
@@ -96,6 +98,26 @@ def test_pending_entries_expire_and_file_names_carry_no_request_path(tmp_path: P
     for sid in ("CA1", "CA2", "CA3"):
         registry.expect(sid, {})
     assert registry.occupancy == 2 and len(os.listdir(tmp_path / "pending")) == 2, "oldest evicted"
+
+
+def test_the_deployment_runs_as_many_workers_as_cores_it_requests() -> None:
+    """deploy/ sets --workers explicitly; each worker is one event loop, so one requested CPU each."""
+    deployment = yaml.safe_load((REPO / "deploy" / "k8s" / "base" / "deployment.yaml").read_text())
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    workers = int(args[args.index("--workers") + 1])
+    assert workers >= 1
+    assert float(container["resources"]["requests"]["cpu"]) >= workers
+    helped = subprocess.run([sys.executable, "-m", "bridge.cli", "serve", "--help"], capture_output=True, text=True,
+                            timeout=30, check=True)
+    assert "--workers" in helped.stdout and "--worker-index" not in helped.stdout
+
+
+def test_worker_index_alone_is_refused() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MEDIA_BRIDGE_SHARED_DIR"}
+    proc = subprocess.run([sys.executable, "-m", "bridge.cli", "serve", "--worker-index", "0"], capture_output=True,
+                          text=True, timeout=30, check=False, env=env)
+    assert proc.returncode == 2 and "--workers N" in proc.stderr
 
 
 # ------------------------------------------------------------------------------ a real group
