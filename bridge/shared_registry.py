@@ -22,12 +22,15 @@ files (oldest evicted) and a file older than ``pending_ttl_s`` is swept. Each fi
 entry: a few hundred bytes of call data, or the agent's ``handoffData`` (bounded by the agent
 message limit). Writes are atomic (temporary file, then ``os.replace``); a take claims the
 file with ``os.rename`` first, so two workers never both take one entry. File names are a
-hash of the CallSid (no path from the request reaches the file system).
+hash of the CallSid (no path from the request reaches the file system). A write that fails
+(the ``emptyDir`` full) is logged as ``shared_store_failed`` and costs that call its webhook
+data or handoff, never the webhook itself.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -36,7 +39,10 @@ from typing import Any, Final
 
 import orjson
 
+from bridge.logs import log_event
 from bridge.registry import PENDING_CALL_TTL_S, CallRegistry, CallT
+
+log = logging.getLogger("bridge.shared_registry")
 
 #: How often a worker sweeps entries left by a worker that died (seconds).
 ORPHAN_SWEEP_INTERVAL_S: Final = 10.0
@@ -77,7 +83,10 @@ class SharedCallRegistry(CallRegistry[CallT]):
         claimed = path.with_name(f".{path.name}.{os.getpid()}.taken")
         try:
             os.rename(path, claimed)
-        except FileNotFoundError:
+        except FileNotFoundError:  # never stored, expired, or taken by a sibling
+            return None
+        except OSError as exc:
+            log_event(log, "shared_store_failed", logging.WARNING, entry=path.parent.name, error=str(exc))
             return None
         try:
             data = orjson.loads(claimed.read_bytes())
@@ -94,7 +103,12 @@ class SharedCallRegistry(CallRegistry[CallT]):
         self._next_sweep = now + ORPHAN_SWEEP_INTERVAL_S
         cutoff = time.time() - self.pending_ttl_s
         for directory in (self._pending_dir, self._handoff_dir):
-            for entry in os.scandir(directory):
+            try:
+                entries = list(os.scandir(directory))
+            except OSError as exc:
+                log_event(log, "shared_store_failed", logging.WARNING, entry=directory.name, error=str(exc))
+                continue
+            for entry in entries:
                 try:
                     if entry.stat().st_mtime < cutoff:
                         os.unlink(entry.path)
@@ -108,9 +122,20 @@ class SharedCallRegistry(CallRegistry[CallT]):
         """This worker's live calls plus its answered webhooks whose stream has not started."""
         return len(self.calls) + len(self._mine)
 
+    def _write_or_log(self, path: Path, payload: dict[str, Any], call_sid: str, what: str) -> bool:
+        """Write an entry; a full or broken file system costs this call its data, never the webhook."""
+        try:
+            self._write(path, payload)
+        except OSError as exc:
+            log_event(log, "shared_store_failed", logging.WARNING, call_sid=call_sid, entry=what, error=str(exc))
+            return False
+        return True
+
     def expect(self, call_sid: str, info: dict[str, str]) -> None:
         now = time.monotonic()
-        self._write(self._pending_dir / _file_name(call_sid), {"at": now, "info": info})
+        if not self._write_or_log(self._pending_dir / _file_name(call_sid), {"at": now, "info": info}, call_sid,
+                                  "webhook"):
+            return
         self._mine[call_sid] = now
         self._mine.move_to_end(call_sid)
         while len(self._mine) > self.max_entries:
@@ -142,8 +167,12 @@ class SharedCallRegistry(CallRegistry[CallT]):
     # ------------------------------------------------------------- handoffs
 
     def store_handoff(self, call_sid: str, data: Any) -> None:
-        self._write(self._handoff_dir / _file_name(call_sid), {"data": data})
-        entries = [e for e in os.scandir(self._handoff_dir) if not e.name.startswith(".")]
+        if not self._write_or_log(self._handoff_dir / _file_name(call_sid), {"data": data}, call_sid, "handoff"):
+            return
+        try:
+            entries = [e for e in os.scandir(self._handoff_dir) if not e.name.startswith(".")]
+        except OSError:
+            return
         if len(entries) > self.max_entries:
             def mtime(entry: os.DirEntry[str]) -> float:
                 try:

@@ -132,12 +132,14 @@ class Supervisor:
                                    preexec_fn=_die_with_parent)  # noqa: PLW1509 - no threads here
         self.workers[index] = _Worker(index, process)
         log_event(log, "worker_started", worker=index, worker_pid=process.pid)
+        if self.stopping:  # a signal arrived while this worker was being (re)started
+            process.send_signal(signal.SIGTERM)
 
     def _forward(self, signum: int, _frame: FrameType | None = None) -> None:
         if not self.stopping:
             log_event(log, "workers_stopping", signal=signal.Signals(signum).name, workers=len(self.workers))
         self.stopping = True
-        for worker in self.workers.values():
+        for worker in list(self.workers.values()):
             if worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGTERM)
 

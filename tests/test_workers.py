@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +32,7 @@ import yaml
 
 from bridge.netutil import free_port
 from bridge.shared_registry import SharedCallRegistry
-from bridge.workers import share
+from bridge.workers import MAX_RESTARTS_PER_WINDOW, share
 from metrics.scrape import parse_samples, value
 from telephony.simulator import SimulatedCall
 from tests.relay_agent import RelayAgent
@@ -120,6 +121,46 @@ def test_worker_index_alone_is_refused() -> None:
     assert proc.returncode == 2 and "--workers N" in proc.stderr
 
 
+def test_a_failed_write_costs_the_call_its_data_not_the_webhook(tmp_path: Path, caplog: Any) -> None:
+    registry: SharedCallRegistry[_Call] = SharedCallRegistry(tmp_path, max_entries=2)
+    for name in ("pending", "handoffs"):  # a file where the directory was: every write fails
+        (tmp_path / name).rmdir()
+        (tmp_path / name).write_text("")
+    registry.expect("CA1", {"session_id": "VX1"})
+    registry.store_handoff("CA1", "data")
+    assert registry.occupancy == 0
+    assert registry.take_call_info("CA1") == ({}, None)
+    assert registry.take_handoff("CA1") == (False, None)
+    assert [r.getMessage() for r in caplog.records].count("shared_store_failed") == 4, "2 writes, 2 takes"
+
+
+@pytest.mark.timeout(60)
+async def test_workers_that_keep_dying_stop_the_group_with_exit_1() -> None:
+    """The port is held by a socket without SO_REUSEPORT: every worker fails to listen."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = dict(os.environ, PUBLIC_URL=f"http://127.0.0.1:{port}", LOG_LEVEL="INFO", DRAIN_GRACE_S="1")
+        env.pop("CARTESIA_API_KEY", None)
+        proc = subprocess.Popen(  # noqa: ASYNC220 - Popen only forks
+            [sys.executable, "-m", "bridge.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        logs = _LogLines(proc.stderr)
+        try:
+            code = await asyncio.to_thread(proc.wait, 50)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert code == 1
+    await asyncio.to_thread(logs.join, 5)
+    assert len(logs.events("worker_restarting")) == MAX_RESTARTS_PER_WINDOW
+    (limit,) = logs.events("workers_restart_limit")
+    assert limit["level"] == "error" and "stopping the group" in limit["detail"]
+    assert logs.events("workers_stopped", code=1)
+
+
 # ------------------------------------------------------------------------------ a real group
 
 
@@ -139,6 +180,10 @@ class _LogLines:
                 self.lines.append(orjson.loads(line))
             except orjson.JSONDecodeError:
                 pass
+
+    def join(self, timeout_s: float) -> None:
+        """Wait until the stream ended (the process group exited) and every line is parsed."""
+        self._thread.join(timeout_s)
 
     def events(self, event: str, **fields: Any) -> list[dict[str, Any]]:
         return [x for x in list(self.lines)
@@ -246,6 +291,7 @@ async def test_two_workers_share_a_port_calls_metrics_handoffs_restart_and_drain
             proc.send_signal(signal.SIGTERM)
             assert await last.wait_until(lambda: last.closed.is_set(), 10)
         code = await asyncio.to_thread(proc.wait, 20)
+        await asyncio.to_thread(logs.join, 5)
         assert code == 0, "".join(logs.raw[-20:])
         assert logs.events("workers_stopped", code=0)
         assert sum(x["ended_calls"] for x in logs.events("drain_finished")) == 1
