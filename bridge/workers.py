@@ -12,7 +12,8 @@ What the supervisor does, and nothing else (it serves no request):
   totals; worker i gets ``total // N``, plus one for the first ``total % N`` workers, so the
   shares add up to the setting. A total smaller than N still gives each worker 1 (the sum then
   exceeds the setting; ``workers_starting`` says so with a warning).
-* **A directory for the group**, fresh under the temporary directory and removed at exit:
+* **A directory for the group**, fresh under the temporary directory and removed at exit (and
+  at start, those left by a supervisor that was killed):
   ``metrics/`` is ``PROMETHEUS_MULTIPROC_DIR`` (any scrape of ``/metrics`` shows the whole
   group, see ``metrics/http.py``), ``calls/`` holds webhook data and handoffs that the worker
   answering the next request of the call may need (``bridge/shared_registry.py``).
@@ -59,6 +60,11 @@ POLL_INTERVAL_S: Final = 0.1
 SHARED_DIR_ENV: Final = "MEDIA_BRIDGE_SHARED_DIR"
 #: prometheus-client's multiprocess directory variable.
 PROMETHEUS_DIR_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+#: The group's directory under the temporary directory, and the file in it naming its supervisor.
+GROUP_DIR_PREFIX: Final = "media-bridge-workers-"
+PID_FILE: Final = "supervisor.pid"
+#: A group directory without a PID file older than this is a leftover (seconds).
+STALE_UNCLAIMED_S: Final = 60.0
 #: Process-wide limits that are totals for the group and shared out among workers.
 SHARED_LIMITS: Final = ("MAX_CALLS", "CARTESIA_MAX_CONCURRENCY", "CARTESIA_STT_MAX_CONCURRENCY",
                         "MEDIA_MAX_UNSTARTED")
@@ -111,7 +117,7 @@ class Supervisor:
         self.stopping = False
         self.failed = False
         self._restarts: deque[float] = deque()
-        self.group_dir = Path(tempfile.mkdtemp(prefix="media-bridge-workers-"))
+        self.group_dir = Path(tempfile.mkdtemp(prefix=GROUP_DIR_PREFIX))
         self.metrics_dir = self.group_dir / "metrics"
         self.calls_dir = self.group_dir / "calls"
 
@@ -173,6 +179,36 @@ class Supervisor:
                   restarts_in_window=len(self._restarts))
         self._spawn(worker.index)
 
+    def remove_stale_groups(self) -> None:
+        """Remove the directories of supervisors that died without cleaning up (SIGKILL, OOM).
+
+        In a container the supervisor is often PID 1 again after a restart, and the emptyDir
+        outlives the container: a directory naming our own PID is not ours, so it is stale too.
+        A directory without a PID file is left alone for a minute (its supervisor may be starting).
+        """
+        for path in self.group_dir.parent.glob(GROUP_DIR_PREFIX + "*"):
+            if path == self.group_dir or not path.is_dir():
+                continue
+            try:
+                pid = int((path / PID_FILE).read_text())
+            except (OSError, ValueError):
+                pid = None
+            if pid is None:
+                stale = time.time() - path.stat().st_mtime > STALE_UNCLAIMED_S
+            elif pid == os.getpid():
+                stale = True
+            else:
+                try:
+                    os.kill(pid, 0)
+                    stale = False
+                except ProcessLookupError:
+                    stale = True
+                except PermissionError:  # alive, another user's
+                    stale = False
+            if stale:
+                shutil.rmtree(path, ignore_errors=True)
+                log_event(log, "stale_group_dir_removed", path=str(path), supervisor_pid=pid)
+
     # ------------------------------------------------------------------ run
 
     def run(self) -> int:
@@ -190,6 +226,8 @@ class Supervisor:
                           "the group may exceed these settings") if oversubscribed else None)
         self.metrics_dir.mkdir()
         self.calls_dir.mkdir()
+        (self.group_dir / PID_FILE).write_text(str(os.getpid()))
+        self.remove_stale_groups()
         previous = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             for index in range(self.count):

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -30,9 +32,10 @@ import orjson
 import pytest
 import yaml
 
+from bridge.config import Config
 from bridge.netutil import free_port
 from bridge.shared_registry import SharedCallRegistry
-from bridge.workers import MAX_RESTARTS_PER_WINDOW, share
+from bridge.workers import GROUP_DIR_PREFIX, MAX_RESTARTS_PER_WINDOW, PID_FILE, Supervisor, share
 from metrics.scrape import parse_samples, value
 from telephony.simulator import SimulatedCall
 from tests.relay_agent import RelayAgent
@@ -132,6 +135,25 @@ def test_a_failed_write_costs_the_call_its_data_not_the_webhook(tmp_path: Path, 
     assert registry.take_call_info("CA1") == ({}, None)
     assert registry.take_handoff("CA1") == (False, None)
     assert [r.getMessage() for r in caplog.records].count("shared_store_failed") == 4, "2 writes, 2 takes"
+
+
+def test_directories_of_killed_supervisors_are_removed_at_start(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    supervisor = Supervisor(Config.from_env({}), 2, "127.0.0.1", 0)
+    (supervisor.group_dir / PID_FILE).write_text(str(os.getpid()))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True, timeout=30)
+    groups = {name: tmp_path / (GROUP_DIR_PREFIX + name) for name in ("dead", "alive", "mine", "new", "old")}
+    for path in groups.values():
+        (path / "metrics").mkdir(parents=True)
+    (groups["dead"] / PID_FILE).write_text(dead.stdout.strip())
+    (groups["alive"] / PID_FILE).write_text(str(os.getppid()))
+    (groups["mine"] / PID_FILE).write_text(str(os.getpid()))  # a restarted container's PID 1
+    os.utime(groups["old"], (time.time() - 3600, time.time() - 3600))
+    supervisor.remove_stale_groups()
+    assert {name for name, path in groups.items() if path.exists()} == {"alive", "new"}
+    assert supervisor.group_dir.exists()
+    shutil.rmtree(supervisor.group_dir)
 
 
 @pytest.mark.timeout(60)
@@ -296,6 +318,7 @@ async def test_two_workers_share_a_port_calls_metrics_handoffs_restart_and_drain
         assert logs.events("workers_stopped", code=0)
         assert sum(x["ended_calls"] for x in logs.events("drain_finished")) == 1
         assert not group_dir.exists(), "the group's directory is removed at exit"
+        assert logs.events("worker_exited", worker=0, code=-signal.SIGKILL, expected=False)
         assert TOKEN not in "".join(logs.raw)
     finally:
         for call in calls:
