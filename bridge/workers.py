@@ -65,10 +65,6 @@ GROUP_DIR_PREFIX: Final = "media-bridge-workers-"
 PID_FILE: Final = "supervisor.pid"
 #: A group directory without a PID file older than this is a leftover (seconds).
 STALE_UNCLAIMED_S: Final = 60.0
-#: Process-wide limits that are totals for the group and shared out among workers.
-SHARED_LIMITS: Final = ("MAX_CALLS", "CARTESIA_MAX_CONCURRENCY", "CARTESIA_STT_MAX_CONCURRENCY",
-                        "MEDIA_MAX_UNSTARTED")
-
 
 def share(total: int, workers: int, index: int) -> int:
     """Worker ``index``'s share of ``total`` (see the module doc): at least 1."""
@@ -213,14 +209,13 @@ class Supervisor:
 
     def run(self) -> int:
         """Run the group until it is stopped; the exit code for the process."""
-        shares = {name: [share_ for share_ in (worker_limits(self.config, self.env, self.count, i).get(name)
-                                               for i in range(self.count)) if share_ is not None]
-                  for name in SHARED_LIMITS}
+        per_worker = [worker_limits(self.config, self.env, self.count, i) for i in range(self.count)]
+        shares = {name: [limits[name] for limits in per_worker] for name in per_worker[0]}
         oversubscribed = [name for name, values in shares.items()
-                          if values and sum(map(int, values)) > getattr(self.config, name.lower())]
+                          if sum(map(int, values)) > getattr(self.config, name.lower())]
         log_event(log, "workers_starting", logging.WARNING if oversubscribed else logging.INFO,
                   workers=self.count, host=self.host, port=self.port, supervisor_pid=os.getpid(),
-                  shares={k: v for k, v in shares.items() if v}, group_dir=str(self.group_dir),
+                  shares=shares, group_dir=str(self.group_dir),
                   oversubscribed=oversubscribed or None,
                   detail=("a total smaller than the worker count still gives each worker 1: "
                           "the group may exceed these settings") if oversubscribed else None)

@@ -35,7 +35,14 @@ import yaml
 from bridge.config import Config
 from bridge.netutil import free_port
 from bridge.shared_registry import SharedCallRegistry
-from bridge.workers import GROUP_DIR_PREFIX, MAX_RESTARTS_PER_WINDOW, PID_FILE, Supervisor, share
+from bridge.workers import (
+    GROUP_DIR_PREFIX,
+    MAX_RESTARTS_PER_WINDOW,
+    PID_FILE,
+    Supervisor,
+    share,
+    worker_limits,
+)
 from metrics.scrape import parse_samples, value
 from telephony.simulator import SimulatedCall
 from tests.relay_agent import RelayAgent
@@ -56,6 +63,18 @@ def test_shares_add_up_to_the_setting(total: int, workers: int) -> None:
 
 def test_a_total_below_the_worker_count_still_gives_each_worker_one() -> None:
     assert [share(3, 4, i) for i in range(4)] == [1, 1, 1, 1]
+
+
+def test_worker_limits_share_the_group_totals_and_leave_the_rest_alone() -> None:
+    env = {"MAX_CALLS": "301", "CARTESIA_MAX_CONCURRENCY": "5", "CARTESIA_STT_MAX_CONCURRENCY": "2"}
+    config = Config.from_env(env)
+    limits = [worker_limits(config, env, 3, i) for i in range(3)]
+    assert [x["MAX_CALLS"] for x in limits] == ["101", "100", "100"]
+    assert [x["CARTESIA_MAX_CONCURRENCY"] for x in limits] == ["2", "2", "1"]
+    assert [x["CARTESIA_STT_MAX_CONCURRENCY"] for x in limits] == ["1", "1", "1"]
+    assert "MEDIA_MAX_UNSTARTED" not in limits[0], "unset, it follows each worker's MAX_CALLS"
+    with_unstarted = {**env, "MEDIA_MAX_UNSTARTED": "50"}
+    assert worker_limits(Config.from_env(with_unstarted), with_unstarted, 2, 1)["MEDIA_MAX_UNSTARTED"] == "25"
 
 
 class _Call:
