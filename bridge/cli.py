@@ -9,6 +9,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -40,8 +41,10 @@ async def _flush_metrics_periodically(hooks: list[Callable[[], Any]]) -> None:
             hook()
 
 
-async def _serve(config: Config, host: str, port: int, worker_index: int | None = None) -> int:
-    """One bridge process: the whole bridge, or worker ``worker_index`` of ``serve --workers N``."""
+async def _serve(config: Config, host: str, port: int, worker_index: int | None = None,
+                 shared_socket: socket.socket | None = None) -> int:
+    """One bridge process: the whole bridge, or worker ``worker_index`` of ``serve --workers N``
+    (listening on ``shared_socket``, bound with ``SO_REUSEPORT``)."""
     from aiohttp import web
 
     from bridge.registry import CallRegistry
@@ -58,8 +61,9 @@ async def _serve(config: Config, host: str, port: int, worker_index: int | None 
     app = server.app()
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
-    # Workers share the port: the kernel spreads new connections over their sockets.
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=worker_index is not None)
+    # Workers share the port (SO_REUSEPORT): the kernel spreads new connections over their sockets.
+    site: web.BaseSite = (web.SockSite(runner, shared_socket, backlog=1024) if shared_socket is not None
+                          else web.TCPSite(runner, host, port, backlog=1024))
     await site.start()
     flusher = None
     if worker_index is not None:
@@ -142,16 +146,32 @@ def main(argv: list[str] | None = None) -> int:
 
         if not os.environ.get(SHARED_DIR_ENV):
             parser.error("--worker-index is set by `serve --workers N` for its workers only")
-        _tag_log_lines(args.worker_index)
-    elif args.workers > 1:
+        return _run_worker(config, args.host, args.port, args.worker_index)
+    if args.workers > 1:
         from bridge.workers import Supervisor
 
         return Supervisor(config, args.workers, args.host, args.port).run()
-    else:
-        # One process: metrics stay in memory, whatever the environment says.
-        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    # One process: metrics stay in memory, whatever the environment says.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     _install_uvloop()
-    return asyncio.run(_serve(config, args.host, args.port, args.worker_index))
+    return asyncio.run(_serve(config, args.host, args.port))
+
+
+def _run_worker(config: Config, host: str, port: int, worker_index: int) -> int:
+    """Worker ``worker_index`` of ``serve --workers N`` (started by the supervisor, bridge/workers.py)."""
+    from bridge.workers import bind_shared_port
+
+    _tag_log_lines(worker_index)
+    # Bound before the heavy imports and start-up, so a port held by another program fails at once
+    # (no Cartesia sockets opened for nothing); it listens only once started, so no connection
+    # reaches a cold worker.
+    try:
+        shared_socket = bind_shared_port(host, port)
+    except OSError as exc:
+        log_event(log, "worker_bind_failed", logging.ERROR, host=host, port=port, error=str(exc))
+        return 1
+    _install_uvloop()
+    return asyncio.run(_serve(config, host, port, worker_index, shared_socket))
 
 
 def _tag_log_lines(worker_index: int) -> None:

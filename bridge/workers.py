@@ -20,6 +20,8 @@ What the supervisor does, and nothing else (it serves no request):
 * **Signals**: SIGTERM and SIGINT are forwarded to every worker, each drains as a single
   process does (``DRAIN_GRACE_S``); the supervisor exits 0 when every worker has exited
   cleanly, 1 otherwise.
+* **Port**: each worker binds its own ``SO_REUSEPORT`` socket before its start-up (a port held by
+  another program fails at once, ``worker_bind_failed``) and listens only once started (pool warm).
 * **Restarts**: a worker that exits while the group is not stopping is restarted with the same
   index and share, at most ``MAX_RESTARTS_PER_WINDOW`` times per ``RESTART_WINDOW_S``; past
   that the supervisor logs ``workers_restart_limit``, stops the other workers (they drain)
@@ -36,6 +38,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -79,6 +82,26 @@ def worker_limits(config: Config, env: dict[str, str], workers: int, index: int)
     if env.get("MEDIA_MAX_UNSTARTED") is not None:  # otherwise it follows the worker's MAX_CALLS
         totals["MEDIA_MAX_UNSTARTED"] = config.media_max_unstarted
     return {name: str(share(total, workers, index)) for name, total in totals.items()}
+
+
+def bind_shared_port(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` with ``SO_REUSEPORT`` (not listening yet), for one worker.
+
+    Binds the first address ``host`` resolves to (``0.0.0.0``, ``::`` or one interface), where a
+    single process binds every address of a name such as ``localhost``.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 def _die_with_parent() -> None:

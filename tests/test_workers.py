@@ -197,6 +197,7 @@ async def test_workers_that_keep_dying_stop_the_group_with_exit_1() -> None:
     assert code == 1
     await asyncio.to_thread(logs.join, 5)
     assert len(logs.events("worker_restarting")) == MAX_RESTARTS_PER_WINDOW
+    assert len(logs.events("worker_bind_failed")) >= MAX_RESTARTS_PER_WINDOW + 1, "the starts failed at the bind"
     (limit,) = logs.events("workers_restart_limit")
     assert limit["level"] == "error" and "stopping the group" in limit["detail"]
     assert logs.events("workers_stopped", code=1)
