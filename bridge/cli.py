@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
+import os
 import signal
+import socket
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bridge.config import Config, ConfigError, env_help
@@ -24,16 +29,45 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(config: Config, host: str, port: int) -> int:
+#: A worker adds its calls' batched counts to the shared metric files this often (seconds), so a
+#: scrape answered by a sibling is at most this stale for this worker's live calls.
+WORKER_METRICS_FLUSH_S = 1.0
+
+
+async def _flush_metrics_periodically(hooks: list[Callable[[], Any]]) -> None:
+    while True:
+        await asyncio.sleep(WORKER_METRICS_FLUSH_S)
+        for hook in hooks:
+            hook()
+
+
+async def _serve(config: Config, host: str, port: int, worker_index: int | None = None,
+                 shared_socket: socket.socket | None = None) -> int:
+    """One bridge process: the whole bridge, or worker ``worker_index`` of ``serve --workers N``
+    (listening on ``shared_socket``, bound with ``SO_REUSEPORT``)."""
     from aiohttp import web
 
+    from bridge.registry import CallRegistry
     from bridge.server import BridgeServer
+    from bridge.session import CallSession
 
-    server = BridgeServer(config)
+    registry: CallRegistry[CallSession] | None = None
+    if worker_index is not None:
+        from bridge.shared_registry import SharedCallRegistry
+        from bridge.workers import SHARED_DIR_ENV
+
+        registry = SharedCallRegistry(Path(os.environ[SHARED_DIR_ENV]), max_entries=2 * config.max_calls)
+    server = BridgeServer(config, registry=registry)
     runner = server.make_runner(handle_signals=False, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024)
+    # Workers share the port (SO_REUSEPORT): the kernel spreads new connections over their sockets.
+    site: web.BaseSite = (web.SockSite(runner, shared_socket, backlog=1024) if shared_socket is not None
+                          else web.TCPSite(runner, host, port, backlog=1024))
     await site.start()
+    flusher = None
+    if worker_index is not None:
+        flusher = asyncio.get_running_loop().create_task(
+            _flush_metrics_periodically(server.metrics.before_render), name="metrics-flush")
     # Startup objects (modules, classes, the app) live as long as the process: freezing them keeps
     # full collections from walking them again, so GC pauses scale with what the calls hold.
     gc.collect()
@@ -46,6 +80,10 @@ async def _serve(config: Config, host: str, port: int) -> int:
     await stop.wait()
     log_event(log, "sigterm_received", calls=len(server.calls), grace_s=config.drain_grace_s)
     ended = await server.drain(config.drain_grace_s)
+    if flusher is not None:
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
     calls_gauges = _call_gauges(server)  # before cleanup closes the pool: what the calls left behind
     await runner.cleanup()
     left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -78,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes sharing the port (SO_REUSEPORT), one per core; MAX_CALLS, "
+                            "CARTESIA_MAX_CONCURRENCY and CARTESIA_STT_MAX_CONCURRENCY are shared out among them "
+                            "(default 1: one process, no supervisor)")
+    serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
 
     sub.add_parser("emulator", help="run the local Cartesia emulator (see `media-bridge emulator --help`)",
                    add_help=False)
@@ -119,9 +162,53 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"media-bridge: {exc}", file=sys.stderr)
         return 2
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     configure_logging(config.log_level)
+    if args.worker_index is not None:
+        from bridge.workers import SHARED_DIR_ENV
+
+        if not os.environ.get(SHARED_DIR_ENV):
+            parser.error("--worker-index is set by `serve --workers N` for its workers only")
+        return _run_worker(config, args.host, args.port, args.worker_index)
+    if args.workers > 1:
+        from bridge.workers import Supervisor
+
+        return Supervisor(config, args.workers, args.host, args.port).run()
+    # One process: metrics stay in memory, whatever the environment says.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     _install_uvloop()
     return asyncio.run(_serve(config, args.host, args.port))
+
+
+def _run_worker(config: Config, host: str, port: int, worker_index: int) -> int:
+    """Worker ``worker_index`` of ``serve --workers N`` (started by the supervisor, bridge/workers.py)."""
+    from bridge.workers import bind_shared_port
+
+    _tag_log_lines(worker_index)
+    # Bound before the heavy imports and start-up, so a port held by another program fails at once
+    # (no Cartesia sockets opened for nothing); it listens only once started, so no connection
+    # reaches a cold worker.
+    try:
+        shared_socket = bind_shared_port(host, port)
+    except OSError as exc:
+        log_event(log, "worker_bind_failed", logging.ERROR, host=host, port=port, error=str(exc))
+        return 1
+    _install_uvloop()
+    return asyncio.run(_serve(config, host, port, worker_index, shared_socket))
+
+
+def _tag_log_lines(worker_index: int) -> None:
+    """Every log line of a worker says which worker wrote it (``worker``, ``worker_pid``)."""
+    pid = os.getpid()
+
+    def tag(record: logging.LogRecord) -> bool:
+        record.worker = worker_index
+        record.worker_pid = pid
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(tag)
 
 
 if __name__ == "__main__":

@@ -99,13 +99,16 @@ class BridgeServer:
     """Holds the process-wide state: config, metrics, Cartesia pool, calls."""
 
     def __init__(
-        self, config: Config, metrics: BridgeMetrics | None = None, *, emulator_settings: Any = None
+        self, config: Config, metrics: BridgeMetrics | None = None, *, emulator_settings: Any = None,
+        registry: CallRegistry[CallSession] | None = None,
     ) -> None:
         self.config = config
         self._emulator_settings = emulator_settings
         self.metrics = metrics or BridgeMetrics()
         self.signatures = SignatureChecker(config.twilio_auth_token)
-        self.registry: CallRegistry[CallSession] = CallRegistry(max_entries=2 * config.max_calls)
+        # A worker of `serve --workers N` passes a SharedCallRegistry (bridge/shared_registry.py).
+        self.registry: CallRegistry[CallSession] = registry if registry is not None else CallRegistry(
+            max_entries=2 * config.max_calls)
         self.agents = AgentConnector(
             agent_url=config.agent_url,
             allowlist=config.agent_url_allowlist,

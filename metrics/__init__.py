@@ -44,24 +44,33 @@ class BridgeMetrics:
         #: scrape is exact without a locked ``inc`` per frame.
         self.before_render: list[Callable[[], Any]] = []
 
-        # Gauges: must return to zero when calls end.
-        self.active_calls = Gauge("bridge_active_calls", "Calls with an open Twilio media stream", registry=r)
+        # Gauges: must return to zero when calls end. multiprocess_mode says how the workers of
+        # `serve --workers N` combine (metrics/http.py); one process ignores it.
+        self.active_calls = Gauge("bridge_active_calls", "Calls with an open Twilio media stream",
+                                  multiprocess_mode="livesum", registry=r)
         self.active_contexts = Gauge(
-            "bridge_cartesia_active_contexts", "Cartesia contexts open (admitted, not yet done)", registry=r
+            "bridge_cartesia_active_contexts", "Cartesia contexts open (admitted, not yet done)",
+            multiprocess_mode="livesum", registry=r
         )
-        self.cartesia_sockets = Gauge("bridge_cartesia_sockets", "Open Cartesia WebSockets", registry=r)
+        self.cartesia_sockets = Gauge("bridge_cartesia_sockets", "Open Cartesia WebSockets",
+                                  multiprocess_mode="livesum", registry=r)
         self.playout_buffered_bytes = Gauge(
-            "bridge_playout_buffered_bytes", "mu-law bytes received from Cartesia not yet sent to Twilio", registry=r
+            "bridge_playout_buffered_bytes", "mu-law bytes received from Cartesia not yet sent to Twilio",
+            multiprocess_mode="livesum", registry=r
         )
-        self.ready = Gauge("bridge_ready", "1 when the process accepts new calls", registry=r)
+        self.ready = Gauge("bridge_ready", "1 when the process accepts new calls",
+                           multiprocess_mode="livemin", registry=r)
         self.admission_queue = Gauge(
-            "bridge_cartesia_admission_queue", "Utterances waiting for a Cartesia concurrency slot", registry=r
+            "bridge_cartesia_admission_queue", "Utterances waiting for a Cartesia concurrency slot",
+            multiprocess_mode="livesum", registry=r
         )
-        self.agent_connections = Gauge("bridge_agent_connections", "Open agent WebSockets", registry=r)
+        self.agent_connections = Gauge("bridge_agent_connections", "Open agent WebSockets",
+                                  multiprocess_mode="livesum", registry=r)
         self.twilio_fast_path = Gauge(
             "bridge_twilio_fast_path",
             "1 when Twilio media/mark messages are handled in the socket's data callback (start-up self-test "
-            "passed), 0 when they take aiohttp's receive() (correct, more CPU per call)", registry=r,
+            "passed), 0 when they take aiohttp's receive() (correct, more CPU per call)",
+            multiprocess_mode="livemin", registry=r,
         )
 
         # Latency histograms.

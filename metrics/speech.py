@@ -46,7 +46,7 @@ class SpeechMetrics:
         r = registry
         # Gauge: returns to zero when every call has ended.
         self.stt_sockets = Gauge("bridge_stt_sockets", "Open Cartesia STT WebSockets (one per listening call)",
-                                 registry=r)
+                                 multiprocess_mode="livesum", registry=r)
         self.stt_admission_refused = Counter(
             "bridge_stt_admission_refused_total", "STT sockets refused by the process-wide STT concurrency limit",
             registry=r,
