@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -86,3 +87,22 @@ times = st.floats(allow_nan=True, allow_infinity=True) | st.floats(0, MAX_TIMEST
 def test_times_valid_equals_the_per_value_check(pair: tuple[list[float], list[float]]) -> None:
     starts, ends = pair
     assert _times_valid(starts, ends) == _times_valid_reference(starts, ends)
+
+
+texts = st.text(max_size=20)
+
+
+@settings(FUZZ, max_examples=200)
+@given(texts, texts, st.booleans(), st.booleans(), st.booleans(), st.booleans(),
+       st.sampled_from([None, {"speed": 1.1}]), st.sampled_from(["c1", "c2"]))
+def test_merge_continuation_equals_replace(a: str, b: str, cont_a: bool, cont_b: bool, flush_a: bool, flush_b: bool,
+                                           config: dict[str, float] | None, ctx_b: str) -> None:
+    first = cp.GenerationRequest(context_id="c1", transcript=a, model_id="sonic-3", voice_id="v", continue_=cont_a,
+                                 flush=flush_a, add_timestamps=True, max_buffer_delay_ms=100)
+    then = cp.GenerationRequest(context_id=ctx_b, transcript=b, model_id="sonic-3", voice_id="v", continue_=cont_b,
+                                flush=flush_b, add_timestamps=True, max_buffer_delay_ms=100, generation_config=config)
+    merged = cp.merge_continuation(first, then)
+    if not cont_a or flush_a or config is not None or ctx_b != "c1":
+        assert merged is None
+        return
+    assert merged == replace(first, transcript=a + b, continue_=cont_b, flush=flush_b)

@@ -21,7 +21,7 @@ Audio stays base64 text in ``Chunk.data``: the bridge decodes it only to cut
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from operator import attrgetter
 from typing import Any, Final, Union
 
@@ -237,6 +237,13 @@ ENDS_SENTENCE: Final = re.compile(r"[.!?;:][\"')\]]*\s+$")
 
 #: Every field but the mergeable ones, as one tuple (derived, so a new field is never ignored).
 _identity: Final = attrgetter(*(f.name for f in fields(GenerationRequest) if f.name not in _MERGEABLE))
+#: Every field, in ``__init__``'s positional order (all are init fields), and where the merged ones sit.
+_FIELD_NAMES: Final = tuple(f.name for f in fields(GenerationRequest))
+assert all(f.init for f in fields(GenerationRequest)), "merge_continuation passes every field to __init__"
+_every_field: Final = attrgetter(*_FIELD_NAMES)
+_TRANSCRIPT_AT: Final = _FIELD_NAMES.index("transcript")
+_CONTINUE_AT: Final = _FIELD_NAMES.index("continue_")
+_FLUSH_AT: Final = _FIELD_NAMES.index("flush")
 
 
 def merge_continuation(first: GenerationRequest, then: GenerationRequest) -> GenerationRequest | None:
@@ -250,7 +257,12 @@ def merge_continuation(first: GenerationRequest, then: GenerationRequest) -> Gen
     """
     if not first.continue_ or first.flush or _identity(first) != _identity(then):
         return None
-    return replace(first, transcript=first.transcript + then.transcript, continue_=then.continue_, flush=then.flush)
+    # ``dataclasses.replace`` without its per-call field walk (a third of the time; one call per agent token).
+    values = list(_every_field(first))
+    values[_TRANSCRIPT_AT] = first.transcript + then.transcript
+    values[_CONTINUE_AT] = then.continue_
+    values[_FLUSH_AT] = then.flush
+    return GenerationRequest(*values)
 
 
 @dataclass(frozen=True, slots=True)
