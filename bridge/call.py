@@ -44,7 +44,7 @@ from bridge.cartesia.stt_protocol import SttError, SttFlushDone, SttServerMessag
 from bridge.defaults import PLAYOUT_LEAD_MS
 from bridge.hearing import FinalizeDue, HearingEvent, PartialText, SpeechStarted, TurnComplete, TurnTracker
 from bridge.logs import log_event
-from bridge.playout import Playout, PlayoutGap, SendMark
+from bridge.playout import Playout, PlayoutGap
 from metrics import BridgeMetrics
 from telephony.media import FRAME_BYTES, OutboundEncoder, Start
 
@@ -239,6 +239,14 @@ class EnergyVad:
         self._fired = False
 
 
+def _times_valid(starts: list[float], ends: list[float]) -> bool:
+    """Every time in [0, ``MAX_TIMESTAMP_S``] s (neither list empty). NaN fails: it makes the sum NaN,
+    and a sum of values in range is finite."""
+    total = sum(starts) + sum(ends)
+    return (min(starts) >= 0.0 and min(ends) >= 0.0 and max(starts) <= MAX_TIMESTAMP_S
+            and max(ends) <= MAX_TIMESTAMP_S and total == total)
+
+
 def heard_words(words: list[tuple[str, float, float]], played_ms: int) -> str:
     """The words whose end time is at or before ``played_ms``, space-joined."""
     limit = played_ms / 1000.0 + 1e-9
@@ -289,6 +297,7 @@ class CallCore:
         self.late_chunks = 0
         self.gaps: dict[str, int] = {}  # cause -> count, this call
         self.gap_ms: dict[str, float] = {}
+        self._gap_counters: dict[str, tuple[Any, Any]] = {}  # cause -> (gaps, gap seconds) metric children
         # Speech in (ConversationRelay): settings may change mid-call with ``config``.
         self.relay = settings.relay
         self.stt_connected = False  # the I/O layer says when the STT socket is up
@@ -353,21 +362,23 @@ class CallCore:
         if not items:
             return
         nbytes = 0
-        since = self.playout.take_forward_start() if any(type(i) is bytes for i in items) else None
         for item in items:
-            if isinstance(item, SendMark):
-                out.append(ToTwilio(encoder.mark(item.name)))
-            else:
-                out.append(ToTwilio(encoder.media(item), since if not nbytes else None))
+            if isinstance(item, bytes):
+                # The first audio of this batch carries when it became sendable (forwarding delay).
+                since = None if nbytes else self.playout.take_forward_start()
+                out.append(ToTwilio(encoder.media(item), since))
                 nbytes += len(item)
+            else:
+                out.append(ToTwilio(encoder.mark(item.name)))
         if nbytes:
             self.bytes_sent += nbytes
             self.frames_sent += nbytes // FRAME_BYTES
             if not self.agent_speaking:
                 self.agent_speaking = True
                 self._info(out, "agentSpeaking", "on", now)
-            for gap in self.playout.take_gaps():
-                self._count_gap(gap)
+            if self.playout.has_gaps:
+                for gap in self.playout.take_gaps():
+                    self._count_gap(gap)
             for utt in self.utterances.values():
                 if utt.t_first_frame is None and utt.t_text is not None and utt.audio_bytes:
                     head = self.playout.utterance(utt.utterance_id)
@@ -381,10 +392,16 @@ class CallCore:
                             self.prompt_end_of_speech = None
 
     def _count_gap(self, gap: PlayoutGap) -> None:
-        self.metrics.playout_gaps.labels(cause=gap.cause).inc()
-        self.metrics.playout_gap_seconds.labels(cause=gap.cause).inc(gap.seconds)
+        counters = self._gap_counters.get(gap.cause)
+        if counters is None:  # labels() is a locked lookup: once per call and cause, not per gap
+            counters = self._gap_counters[gap.cause] = (self.metrics.playout_gaps.labels(cause=gap.cause),
+                                                        self.metrics.playout_gap_seconds.labels(cause=gap.cause))
+        counters[0].inc()
+        counters[1].inc(gap.seconds)
         self.gaps[gap.cause] = self.gaps.get(gap.cause, 0) + 1
         self.gap_ms[gap.cause] = round(self.gap_ms.get(gap.cause, 0.0) + gap.seconds * 1000.0, 1)
+        if not log.isEnabledFor(logging.DEBUG):
+            return
         utt = self.utterances.get(gap.utterance_id)
         self._log("playout_gap", logging.DEBUG, utterance_id=gap.utterance_id, cause=gap.cause,
                   gap_ms=round(gap.seconds * 1000.0, 1), at_ms=gap.at_ms,
@@ -793,15 +810,20 @@ class CallCore:
                 utt.horizon_off = True
             self._release(utt, now, out)
         elif isinstance(msg, WordTimestamps):
-            count = min(len(msg.words), len(msg.start), len(msg.end))
-            if not all(0.0 <= t <= MAX_TIMESTAMP_S for t in (*msg.start[:count], *msg.end[:count])):
+            words, starts, ends = msg.words, msg.start, msg.end
+            count = min(len(words), len(starts), len(ends))
+            if count < len(words) or count < len(starts) or count < len(ends):
+                words, starts, ends = words[:count], starts[:count], ends[:count]
+            if count and not _times_valid(starts, ends):
                 # NaN, negative or absurd (1e305 overflows the byte arithmetic): dropped whole, counted.
                 self.metrics.bad_input.labels(source="cartesia", kind="invalid_timestamps").inc()
                 self._log("cartesia_bad_timestamps", logging.WARNING, context_id=context_id)
                 return out
             off = utt.word_offset_s
-            utt.words.extend((w, a + off, b + off) for w, a, b in zip(msg.words[:count], msg.start[:count],
-                                                                        msg.end[:count], strict=True))
+            if off:
+                utt.words.extend((w, a + off, b + off) for w, a, b in zip(words, starts, ends, strict=True))
+            else:
+                utt.words.extend(zip(words, starts, ends, strict=True))  # the same tuples, built in C
             if count:
                 utt.timestamps_seen = True
                 utt.horizon_bytes = max(utt.horizon_bytes, int(round(utt.words[-1][2] * 8000)))
@@ -857,8 +879,13 @@ class CallCore:
             n = min(len(utt.held), utt.horizon_bytes - utt.audio_bytes)
         if n <= 0:
             return
-        audio = bytes(utt.held[:n])
-        del utt.held[:n]
+        held = utt.held
+        if n == len(held):
+            audio = bytes(held)
+            held.clear()
+        else:
+            audio = bytes(held[:n])
+            del held[:n]
         if not self.playout.push(utt.utterance_id, audio, now):
             self.metrics.playout_overflow_bytes.inc(len(audio) + len(utt.held))
             self._log("playout_overflow", logging.WARNING, context_id=utt.context_id, dropped_bytes=len(audio),

@@ -72,7 +72,7 @@ class UtteranceAudio:
     sendable_since: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per mark (a frozen __init__ costs several times more)
 class MarkInfo:
     name: str
     position: int  # sent-timeline position the mark follows
@@ -80,7 +80,7 @@ class MarkInfo:
     utterance_id: str | None  # set when this mark ends an utterance
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per mark (see ``MarkInfo``)
 class SendMark:
     name: str
 
@@ -282,6 +282,11 @@ class Playout:
         if out and self._last_mark_pos < self.sent and self.buffered_bytes == 0:
             out.append(self._new_mark(now, None))
         return out
+
+    @property
+    def has_gaps(self) -> bool:
+        """Gaps are waiting for ``take_gaps``."""
+        return bool(self._gaps)
 
     def take_gaps(self) -> list[PlayoutGap]:
         """Gaps recorded since the last call (see module docstring)."""

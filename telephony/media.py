@@ -220,7 +220,8 @@ class OutboundEncoder:
     def media(self, audio: bytes) -> str:
         if len(audio) % FRAME_BYTES:
             raise ValueError(f"outbound audio must be whole 160-byte frames, got {len(audio)} bytes")
-        return self._media_prefix + base64.b64encode(audio).decode("ascii") + '"}}'
+        # binascii directly: base64.b64encode is a Python wrapper around the same call.
+        return self._media_prefix + binascii.b2a_base64(audio, newline=False).decode("ascii") + '"}}'
 
     def mark(self, name: str) -> str:
         return self._mark_prefix + orjson.dumps(name).decode() + "}}"

@@ -60,7 +60,7 @@ from bridge.cartesia.protocol import (
     ErrorMessage,
     GenerationRequest,
     ServerMessage,
-    parse_server_message,
+    parse_server_text,
 )
 from bridge.logs import log_event, loggable_url
 from metrics import BridgeMetrics
@@ -281,11 +281,13 @@ class _Socket:
         try:
             while True:
                 # No wait_for here (it wraps every recv in a Task): idleness is a timer's job.
-                raw = await ws.recv()
+                # decode=False: orjson reads the UTF-8 bytes itself (no str made per message); invalid
+                # UTF-8 then fails JSON decoding and is counted as malformed like any bad message.
+                raw = await ws.recv(decode=False)
                 now = time.monotonic()
                 self.last_activity = now
                 try:
-                    msg = parse_server_message(orjson.loads(raw))
+                    msg = parse_server_text(raw)
                 except ValueError as exc:
                     pool.metrics.bad_input.labels(source="cartesia", kind="malformed").inc()
                     log_event(log, "cartesia_bad_message", logging.WARNING, slot=self.slot, error=str(exc))

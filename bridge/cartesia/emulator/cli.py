@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk-ms", type=int, default=d.chunk_ms, help="audio per chunk, ms")
     g.add_argument("--pacing-slack-ms", type=float, default=d.pacing_slack_ms,
                    help="a paced chunk (not a first chunk) may leave this much early, batching wake-ups")
+    g.add_argument("--words-per-s", type=float, default=None,
+                   help="tone voice: every word lasts exactly 1/W s (word timestamps at W per second; "
+                        "default: the voice's own timing, about 2.5/s); STT cannot decode such words")
     g.add_argument("--jitter-ms", type=float, default=d.jitter_ms, help="extra uniform(0, N) ms on TTFB and chunk gaps")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of all randomness (jitter, faults)")
     g.add_argument("--api-key", default=None,
@@ -56,6 +59,7 @@ def settings_from_args(ns: argparse.Namespace) -> EmulatorSettings:
         rtf=ns.rtf,
         chunk_ms=ns.chunk_ms,
         pacing_slack_ms=ns.pacing_slack_ms,
+        words_per_s=ns.words_per_s,
         jitter_ms=ns.jitter_ms,
         seed=ns.seed,
         max_concurrency=ns.max_concurrency,

@@ -59,6 +59,7 @@ class Emulator:
         # /stt/websocket; its vocabulary hears every word the tone voices render.
         self.stt = SttService(self.settings, self.auth.check)
         self.synth.tone = RecordingToneSynth(self.stt.vocabulary)
+        self.synth.tone.words_per_s = self.settings.words_per_s
         self.services = Services(self.settings, self.state, self.synth)
         self.http_tts = HttpTts(self.services, self.auth)
         self.voices_api = VoicesApi(self.synth, self.auth)

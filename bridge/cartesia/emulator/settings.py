@@ -8,6 +8,8 @@ from typing import Final
 from .faults import FaultSettings
 
 VOICE_BACKENDS: Final = ("tone", "espeak")
+#: Upper bound of ``words_per_s``: a 20 ms word keeps a 10 ms burst after its gap.
+MAX_WORDS_PER_S: Final = 50.0
 
 
 @dataclass(slots=True)
@@ -50,6 +52,10 @@ class EmulatorSettings:
     chunk_ms: int = 100
     jitter_ms: float = 0.0
     pacing_slack_ms: float = 5.0
+    #: Tone voice word rate: each word lasts exactly 1/W s of audio (word timestamps at W per
+    #: second); None = the tone voice's own timing (about 2.5 words/s). The STT recogniser cannot
+    #: decode words rendered this way (it reads a word from its burst length): use it with STT off.
+    words_per_s: float | None = None
     seed: int = 0
     #: Active (not yet finished) contexts across the emulator; over it → 429 ``concurrency_limited``.
     max_concurrency: int | None = None
@@ -85,3 +91,5 @@ class EmulatorSettings:
             raise ValueError("pacing_slack_ms must be in [0, 50]")
         if self.idle_timeout_s <= 0:
             raise ValueError("idle_timeout_s must be > 0")
+        if self.words_per_s is not None and not 0 < self.words_per_s <= MAX_WORDS_PER_S:
+            raise ValueError(f"words_per_s must be in (0, {MAX_WORDS_PER_S:g}]")

@@ -12,7 +12,8 @@ slices the audio into chunks and turns offsets into seconds.
     Bhaskara sine approximation and an integer phase accumulator, so the
     samples are bit-exact on every platform and Python version (no libm, no
     ``hash()``). Encoded words are cached in a bounded LRU, so a hot path is a
-    dictionary hit and a ``bytes.join``.
+    dictionary hit and a ``bytes.join``. ``--words-per-s W``: every word lasts
+    1/W s instead (see ``ToneSynth``), which the STT recogniser cannot decode.
 
 ``espeak``
     espeak-ng from the ``espeakng-loader`` wheel (GPL-3.0+, an optional extra)
@@ -168,6 +169,7 @@ _TABLE_N: Final = 1 << _TABLE_BITS
 _AMPLITUDE: Final = 9000
 _GAP_MS: Final = 40
 _RAMP_MS: Final = 5
+_MIN_BURST_MS: Final = 10
 
 
 def _bhaskara_table(n: int, amp: int) -> tuple[int, ...]:
@@ -220,9 +222,17 @@ def _tone_pcm(freq: int, n: int, rate: int, volume_pct: int) -> bytes:
 
 
 class ToneSynth:
-    """Deterministic tone voice with a bounded LRU of encoded words."""
+    """Deterministic tone voice with a bounded LRU of encoded words.
 
-    def __init__(self, cache_size: int = 4096) -> None:
+    ``words_per_s`` None: each word is ``tone_word_ms(word) / speed`` of burst
+    plus a 40 ms gap. Set (0 < W <= ``MAX_WORDS_PER_S``): word ``k`` of a
+    render starts at sample ``k * rate / W`` (integer floor), so every word
+    lasts 1/W s to within one sample and ``speed`` is ignored; the gap is
+    ``min(40 ms, word - 10 ms)`` (W <= 50). STT cannot decode it (it reads letter-count lengths).
+    """
+
+    def __init__(self, cache_size: int = 4096, words_per_s: float | None = None) -> None:
+        self.words_per_s = words_per_s
         self._cache: OrderedDict[tuple[int, int, int, str, int], bytes] = OrderedDict()
         self._cache_size = cache_size
         self._silence: dict[tuple[int, str, int], bytes] = {}
@@ -271,9 +281,17 @@ class ToneSynth:
         words: list[tuple[str, int, int]] = []
         phons: list[tuple[str, int, int]] = []
         pos = 0
-        for match in _WORD_RE.finditer(text):
+        # Fixed word rate: word k spans [k * rate * 1000 // milli_wps, (k + 1) * ...), integer-exact.
+        milli_wps = None if self.words_per_s is None else max(1, round(self.words_per_s * 1000))
+        for k, match in enumerate(_WORD_RE.finditer(text)):
             word = match.group(0)
-            n = tone_word_ms(word) * rate * 100 // (1000 * speed_pct)
+            if milli_wps is None:
+                n = tone_word_ms(word) * rate * 100 // (1000 * speed_pct)
+            else:
+                span = (k + 1) * rate * 1000 // milli_wps - k * rate * 1000 // milli_wps
+                gap_n = min(_GAP_MS * rate // 1000, span - _MIN_BURST_MS * rate // 1000)
+                gap = self._gap(gap_n, fmt.encoding, rate)
+                n = span - gap_n
             parts.append(self._word_audio(tone_word_frequency(word, pitch), n, rate, fmt.encoding, volume_pct))
             parts.append(gap)
             words.append((word, pos, pos + n))

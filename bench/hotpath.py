@@ -1,0 +1,138 @@
+"""The bridge's per-call hot path without sockets, for profilers (issue 18).
+
+One ``CallCore`` speaks ``--seconds`` of audio the way the capacity bench's
+Cartesia peer sends it (``--chunk-ms`` chunks, a ``timestamps`` message after
+each chunk in which words start, ``--words-per-s`` words per second), while
+the simulated Twilio side sends a 20 ms inbound ``media`` frame per 20 ms of
+audio and echoes every mark. Every message goes through the same code as in
+the server: ``parse_server_text`` (the Cartesia read loop's decoder),
+``CallCore.on_cartesia``, ``parse_inbound`` (the Twilio socket's decoder),
+``CallCore.on_media`` / ``on_mark``. The Cartesia wire texts are built once
+before timing, with the emulator's own encoder.
+
+It prints CPU time (``time.process_time``, best of ``--repeat``) per call-second
+of audio, and checks that the audio sent to Twilio is exactly the audio given
+(any mismatch exits 1). For instruction counts that a noisy machine does not
+change, run it under callgrind with ``--repeat 1 --no-check`` at two lengths, and
+the same with ``--setup-only``; the hot path's instructions per call-second are
+``((I40 - I10) - (S40 - S10)) / 30``::
+
+    python bench/hotpath.py --seconds 60
+    valgrind --tool=callgrind python bench/hotpath.py --repeat 1 --no-check --seconds 10   # I10
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import itertools
+import sys
+import time
+
+import orjson
+
+from bridge.call import CallCore, CallSettings, ToCartesia, ToTwilio
+from bridge.cartesia.protocol import Chunk, Done, WordTimestamps, encode_server_message, parse_server_text
+from metrics import BridgeMetrics
+from telephony.media import BYTES_PER_MS, FRAME_BYTES, Start, TwilioMessageFactory, parse_inbound
+
+
+def cartesia_texts(ctx: str, audio: bytes, chunk_ms: int, words_per_s: float) -> list[bytes]:
+    """The peer's wire messages: chunks, word timestamps as the emulator emits them, done."""
+    chunk_bytes = chunk_ms * BYTES_PER_MS
+    n_words = int(len(audio) / 8000 * words_per_s)
+    starts = [k / words_per_s for k in range(n_words)]
+    out: list[bytes] = []
+    word = 0
+    for pos in range(0, len(audio), chunk_bytes):
+        data = audio[pos:pos + chunk_bytes]
+        out.append(orjson.dumps(encode_server_message(Chunk(ctx, base64.b64encode(data).decode(), 0.0, 1))))
+        end_s = (pos + len(data)) / 8000
+        first = word
+        while word < n_words and starts[word] < end_s:
+            word += 1
+        if word > first:
+            msg = WordTimestamps(ctx, ["word"] * (word - first), starts[first:word],
+                                 [s + 0.8 / words_per_s for s in starts[first:word]], 1)
+            out.append(orjson.dumps(encode_server_message(msg)))
+    out.append(orjson.dumps(encode_server_message(Done(ctx))))
+    return out
+
+
+def run_once(seconds: float, chunk_ms: int, words_per_s: float, *, setup_only: bool = False,
+             check: bool = True) -> tuple[float, bool]:
+    counter = itertools.count(1)
+    core = CallCore(CallSettings(model_id="sonic-3", voice_id="v", language="en"), BridgeMetrics(),
+                    new_id=lambda: f"u{next(counter)}")
+    core.on_start(Start("MZ1", "CA1", "AC1", {}, ["inbound"], "audio/x-mulaw", 8000, 1), 0.0)
+    twilio = TwilioMessageFactory("MZ1", "CA1", "AC1")
+    inbound_frame = b"\xfe\xff" * (FRAME_BYTES // 2)  # near-silence: the VAD runs, hears no barge-in
+    audio = bytes((i * 7 + i // 320) & 0x7F for i in range(int(seconds * 8000)))
+    actions = core.speak("Hello there. " * int(seconds * words_per_s / 2 + 1), last=True, now=0.0)
+    ctx = next(a.context_id for a in actions if isinstance(a, ToCartesia))
+    texts = cartesia_texts(ctx, audio, chunk_ms, words_per_s)
+    # Built before timing: inbound media as Twilio sends it; marks echo with Twilio's field order.
+    media_texts = iter([twilio.media(inbound_frame, 20 * (k + 1)) for k in range(int(seconds * 50) + 100)])
+    mark_prefix = '{"event":"mark","sequenceNumber":"1","streamSid":"MZ1","mark":{"name":"'
+    sent: list[str] = []
+    echoes: list[str] = []
+    media_ms = 0
+    t0 = time.process_time()
+    now = 0.0
+    step = chunk_ms / 1000.0 / 2  # chunks at 2x real time
+    pending = iter(() if setup_only else texts)
+    while True:
+        raw = next(pending, None)
+        if raw is None and not echoes:
+            break
+        now += step
+        out = [] if raw is None else core.on_cartesia(ctx, parse_server_text(raw), now)
+        # Twilio plays in real time: inbound frames as time passes, echoes of the marks sent.
+        while media_ms < now * 1000:
+            media_ms += 20
+            event = parse_inbound(next(media_texts))
+            out += core.on_media(event.payload, event.timestamp_ms, now)  # type: ignore[union-attr]
+        names, echoes = echoes, []
+        for name in names:
+            out += core.on_mark(parse_inbound(mark_prefix + name + '"}}').name, now)  # type: ignore[union-attr]
+        for action in out:
+            if isinstance(action, ToTwilio):
+                text = action.text
+                if text[11] == "e":
+                    sent.append(text)
+                elif text[11] == "a":
+                    echoes.append(text[text.rindex(':"') + 2:-3])
+    cpu = time.process_time() - t0
+    if setup_only or not check:
+        return cpu, True
+    played = b"".join(base64.b64decode(orjson.loads(t)["media"]["payload"]) for t in sent)
+    return cpu, played == audio + b"\xff" * (-len(audio) % FRAME_BYTES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=60.0, help="audio per run, s")
+    p.add_argument("--chunk-ms", type=int, default=40)
+    p.add_argument("--words-per-s", type=float, default=15.0)
+    p.add_argument("--repeat", type=int, default=5, help="runs; the best CPU time is reported")
+    p.add_argument("--no-check", action="store_true", help="skip the audio comparison (for instruction counts)")
+    p.add_argument("--setup-only", action="store_true",
+                   help="build the inputs, skip the hot path: the baseline to subtract from instruction counts")
+    args = p.parse_args(argv)
+    best = None
+    exact = True
+    for _ in range(args.repeat):
+        cpu, ok = run_once(args.seconds, args.chunk_ms, args.words_per_s, setup_only=args.setup_only,
+                           check=not args.no_check)
+        exact = exact and ok
+        best = cpu if best is None else min(best, cpu)
+    assert best is not None
+    print(f"hot path: {best * 1000 / args.seconds:.3f} ms CPU per call-second "
+          f"({args.seconds:g} s of audio, {args.chunk_ms} ms chunks, {args.words_per_s:g} words/s, "
+          f"best of {args.repeat}); audio exact: {exact}")
+    return 0 if exact else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
