@@ -33,7 +33,7 @@ from ..protocol import (
     parse_http_tts_request,
 )
 from .connection import Services
-from .httpapi import Authenticator, http_error, rules_of
+from .httpapi import Authenticator, http_error
 from .models import check_model
 from .versions import check_request
 from .voices import Rendered, Voice
@@ -66,13 +66,10 @@ class HttpTts:
 
     async def parse(self, request: web.Request) -> tuple[GenerationRequest, Voice, str] | web.Response:
         """The request, its voice and the API version, or the error response to answer."""
-        rules = rules_of(request)
+        rules = self.auth.admit(request)
         if isinstance(rules, web.Response):
             return rules
         version = rules.version
-        denied = self.auth.check(request, version)
-        if denied is not None:
-            return denied
         try:
             body = await request.json(loads=orjson.loads)
         except (orjson.JSONDecodeError, ValueError) as exc:

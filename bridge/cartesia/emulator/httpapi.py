@@ -66,6 +66,21 @@ class Authenticator:
         self.api_key = api_key
         self.tokens: dict[str, float] = {}
 
+    def admit(self, request: web.Request) -> VersionRules | web.Response:
+        """A request with a valid ``Cartesia-Version`` and an accepted key: its version's rules;
+        otherwise the 400 or 401 to answer."""
+        rules = rules_of(request)
+        if isinstance(rules, web.Response):
+            return rules
+        denied = self.check(request, rules.version)
+        return rules if denied is None else denied
+
+    def admit_any_version(self, request: web.Request) -> str | web.Response:
+        """For routes every version serves alike: the request's version, or the 401 to answer."""
+        version = version_of(request)
+        denied = self.check(request, version)
+        return version if denied is None else denied
+
     def check(self, request: web.Request, version: str) -> web.Response | None:
         """``None`` when the request may proceed, else the 401 to answer."""
         expected = self.api_key

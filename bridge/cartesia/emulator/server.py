@@ -27,7 +27,7 @@ from ...logs import log_event
 from ..protocol import DEFAULT_VERSION
 from .connection import MAX_MESSAGE_BYTES, Connection, Services, serve_websocket
 from .http_tts import HttpTts
-from .httpapi import Authenticator, http_error, json_response, rules_of, version_of
+from .httpapi import Authenticator, http_error, json_response
 from .settings import EmulatorSettings
 from .state import ContextRecord, EmulatorState
 from .stt import RecordingToneSynth, SttService
@@ -203,13 +203,10 @@ class Emulator:
     # --------------------------------------------------------------- handlers
 
     async def tts_websocket(self, request: web.Request) -> web.StreamResponse:
-        rules = rules_of(request)
+        rules = self.auth.admit(request)
         if isinstance(rules, web.Response):
             return rules
         version = rules.version
-        denied = self.auth.check(request, version)
-        if denied is not None:
-            return denied
         limit = self.settings.max_connections
         if limit is not None and self.state.active_connections >= limit:
             self.state.rejected_connections += 1
@@ -219,10 +216,9 @@ class Emulator:
         return await serve_websocket(self.services, request, self.next_connection_id, rules, self.live)
 
     async def access_token(self, request: web.Request) -> web.Response:
-        version = version_of(request)
-        denied = self.auth.check(request, version)
-        if denied is not None:
-            return denied
+        version = self.auth.admit_any_version(request)
+        if isinstance(version, web.Response):
+            return version
         try:
             body = await request.json(loads=orjson.loads)
         except ValueError:

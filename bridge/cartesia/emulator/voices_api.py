@@ -22,7 +22,7 @@ from aiohttp import web
 
 from ..protocol import GenerationRequest, OutputFormat
 from .http_tts import wav_header
-from .httpapi import Authenticator, http_error, json_response, version_of
+from .httpapi import Authenticator, http_error, json_response
 from .synth import Synthesizer
 from .voices import Voice
 
@@ -41,6 +41,13 @@ class VoicesApi:
         self.synth = synth
         self.auth = auth
 
+    def _voice(self, request: web.Request, version: str) -> Voice | web.Response:
+        """The voice the path names, or the 404 to answer."""
+        voice = self.synth.voices.get(request.match_info["voice_id"])
+        if voice is None:
+            return http_error(404, "no voice with this id", "not_found", "Voice not found", version)
+        return voice
+
     def to_api(self, voice: Voice, request: web.Request, expand: set[str]) -> dict[str, Any]:
         body = voice.to_api()
         if "preview_file_url" in expand:
@@ -48,10 +55,9 @@ class VoicesApi:
         return body
 
     async def list_voices(self, request: web.Request) -> web.Response:
-        version = version_of(request)
-        denied = self.auth.check(request, version)
-        if denied is not None:
-            return denied
+        version = self.auth.admit_any_version(request)
+        if isinstance(version, web.Response):
+            return version
         query = request.query
 
         def bad(param: str, why: str) -> web.Response:
@@ -95,25 +101,23 @@ class VoicesApi:
         return json_response({"data": data, "has_more": has_more, "next_page": next_page})
 
     async def get_voice(self, request: web.Request) -> web.Response:
-        version = version_of(request)
-        denied = self.auth.check(request, version)
-        if denied is not None:
-            return denied
-        voice = self.synth.voices.get(request.match_info["voice_id"])
-        if voice is None:
-            return http_error(404, "no voice with this id", "not_found", "Voice not found", version)
+        version = self.auth.admit_any_version(request)
+        if isinstance(version, web.Response):
+            return version
+        voice = self._voice(request, version)
+        if isinstance(voice, web.Response):
+            return voice
         expand = set(request.query.getall("expand[]", [])) | set(request.query.getall("expand", []))
         return json_response(self.to_api(voice, request, expand & EXPANDABLE))
 
     async def preview(self, request: web.Request) -> web.Response:
         """The voice saying its own name, as WAV (what ``preview_file_url`` points at)."""
-        version = version_of(request)
-        denied = self.auth.check(request, version)
-        if denied is not None:
-            return denied
-        voice = self.synth.voices.get(request.match_info["voice_id"])
-        if voice is None:
-            return http_error(404, "no voice with this id", "not_found", "Voice not found", version)
+        version = self.auth.admit_any_version(request)
+        if isinstance(version, web.Response):
+            return version
+        voice = self._voice(request, version)
+        if isinstance(voice, web.Response):
+            return voice
         req = GenerationRequest("", voice.name, "sonic-3", voice.id, PREVIEW_FORMAT)
         rendered = await self.synth.render(voice.name, PREVIEW_FORMAT, voice, req)
         body = wav_header(PREVIEW_FORMAT, len(rendered.audio)) + rendered.audio
