@@ -130,10 +130,13 @@ def parse_stt_params(query: Mapping[str, str], keyterms: list[str] | None = None
     )
 
 
-def _opt_float(query: Mapping[str, str], name: str, lo: float, hi: float) -> float | None:
+def _opt_float(query: Mapping[str, Any], name: str, lo: float, hi: float) -> float | None:
+    """``query[name]`` as a number in ``[lo, hi]`` (a string, as in a query, or a JSON number)."""
     raw = query.get(name)
     if raw is None:
         return None
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise SttProtocolError(f"{name} must be a number", name)
     try:
         value = float(raw)
     except ValueError:
@@ -307,19 +310,7 @@ def parse_stt_turn_config(values: Mapping[str, Any], prefix: str = "turn_") -> S
     object (``prefix=""``: ``end_timeout_ms``…); ranges as Cartesia documents them."""
 
     def get(name: str, lo: float, hi: float) -> float | None:
-        key = prefix + name
-        raw = values.get(key)
-        if raw is None:
-            return None
-        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
-            raise SttProtocolError(f"{key} must be a number", key)
-        try:
-            value = float(raw)
-        except ValueError:
-            raise SttProtocolError(f"{key} must be a number, not {raw!r}", key) from None
-        if not lo <= value <= hi:
-            raise SttProtocolError(f"{key} {value} is out of range {lo}-{hi}", key)
-        return value
+        return _opt_float(values, prefix + name, lo, hi)
 
     return SttTurnConfig(
         start_threshold=get("start_threshold", 0.0, 1.0),
