@@ -240,3 +240,37 @@ async def test_stt_socket_lost_mid_turn_replays_the_turn(make_bridge: BridgeFact
     samples = await bridge.metrics()
     assert value(samples, "bridge_stt_reconnects_total") >= 1
     await call.hangup()
+
+
+async def test_a_bad_relay_setting_on_the_webhook_is_refused_politely(make_bridge: BridgeFactory,
+                                                                     relay_agent: RelayAgent) -> None:
+    bridge = await _bridge(make_bridge, relay_agent)
+    call = bridge.call(webhook_query={"interruptible": "sometimes"})
+    stream = await call.place()
+    assert stream is None, "no <Connect><Stream> for a call whose settings cannot be honoured"
+    samples = await bridge.metrics()
+    assert value(samples, "bridge_calls_refused_total", reason="bad_request") == 1
+    assert relay_agent.received == []
+
+
+async def test_stt_unavailable_tells_the_agent_and_the_call_goes_on(make_bridge: BridgeFactory,
+                                                                   relay_agent: RelayAgent) -> None:
+    from bridge.cartesia.emulator import EmulatorSettings
+    from bridge.cartesia.emulator.settings import SttSettings
+
+    # The emulator's STT takes no socket at all: every handshake is a 429.
+    settings = EmulatorSettings(ttfb_ms=5, rtf=0.05, stt=SttSettings(max_concurrency=0))
+    bridge = await make_bridge({"AGENT_URL": relay_agent.url}, emulator_settings=settings)
+    relay_agent.auth_token = bridge.token
+    call = bridge.call()
+    await call.place()
+    await call.connect()
+    await relay_agent.next("setup")
+    error = await relay_agent.next("error", 10)
+    assert "speech recognition unavailable" in error["description"]
+    await relay_agent.send({"type": "text", "token": "Still here.", "last": True})
+    assert await wait_for(lambda: call.record.media_bytes > 0, 10), "the call still speaks"
+    samples = await bridge.metrics()
+    assert value(samples, "bridge_stt_errors_total", kind="handshake_429") >= 1
+    assert value(samples, "bridge_stt_sockets") == 0
+    await call.hangup()
