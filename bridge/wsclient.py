@@ -48,6 +48,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
+from bridge.logs import log_event
 from bridge.wsframe import (
     CLOSE_NORMAL,
     OP_CLOSE,
@@ -55,6 +56,7 @@ from bridge.wsframe import (
     OP_PONG,
     OP_TEXT,
     Control,
+    Event,
     FrameError,
     FrameReader,
     MaskKeys,
@@ -150,20 +152,27 @@ class InlineWebSocket(asyncio.Protocol):
         try:
             events = self._reader.feed(data)
         except FrameError as exc:
-            self._fail(exc.code, str(exc))
+            # What came before the bad frame is delivered; then the connection is closed for it.
+            if self._deliver(exc.events):
+                self._fail(exc.code, str(exc))
             return
+        self._deliver(events)
+
+    def _deliver(self, events: list[Event]) -> bool:
+        """Hand messages to the owner, answer control frames; False once the connection is ending."""
         on_message = self._on_message
         for event in events:
             if type(event) is Control:
                 self._on_control(event)
                 if self.transport is None or self._received is not None:
-                    return
+                    return False
             elif self._open:
                 self.messages += 1
                 try:
                     on_message(event.payload)
                 except Exception:  # noqa: BLE001 - one message's handler must not break the socket
                     log.exception("websocket_message_handler_failed")
+        return True
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost resolves ``closed``
@@ -283,7 +292,7 @@ class InlineWebSocket(asyncio.Protocol):
 
     def _fail(self, code: int, detail: str) -> None:
         self._error = detail
-        log.warning("websocket_protocol_error", extra={"code": code, "detail": detail[:200]})
+        log_event(log, "websocket_protocol_error", logging.WARNING, code=code, detail=detail[:200])
         self.start_close(code, detail[:100])
 
     def start_close(self, code: int = CLOSE_NORMAL, reason: str = "", timeout_s: float = 2.0) -> None:
@@ -319,7 +328,7 @@ class InlineWebSocket(asyncio.Protocol):
         now = time.monotonic()
         if self._ping_sent_at is not None and now - self._ping_sent_at >= self._ping_timeout_s:
             self._error = "keepalive_timeout"
-            log.warning("websocket_keepalive_timeout", extra={"silent_s": round(now - self._last_heard, 1)})
+            log_event(log, "websocket_keepalive_timeout", logging.WARNING, silent_s=round(now - self._last_heard, 1))
             self.abort()
             return
         idle = now - self._last_heard

@@ -113,11 +113,13 @@ def close_payload(code: int, reason: str = "") -> bytes:
 
 
 class FrameError(ValueError):
-    """The peer broke RFC 6455: close the connection with ``code``."""
+    """The peer broke RFC 6455: close the connection with ``code``. ``events``:
+    what the same ``feed`` call parsed before the bad frame (deliver those first)."""
 
     def __init__(self, code: int, detail: str) -> None:
         super().__init__(detail)
         self.code = code
+        self.events: list[Event] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +190,13 @@ class FrameReader:
             self._need = 0
         buf = self._buf + data if self._buf else data
         events: list[Event] = []
+        try:
+            return self._parse(buf, events)
+        except FrameError as exc:
+            exc.events = events
+            raise
+
+    def _parse(self, buf: bytes, events: list[Event]) -> list[Event]:
         pos = 0
         end = len(buf)
         limit = self.max_message_bytes
