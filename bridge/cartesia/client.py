@@ -10,8 +10,11 @@
 * Cancelled contexts are tombstoned per socket (at most ``TOMBSTONES`` ids,
   oldest forgotten first) so late chunks are dropped and counted, never
   routed to a newer utterance.
-* Each socket has one reader task (reads at full speed: a slow call never
-  stalls the socket, its own playout buffer absorbs the audio). A message is
+* Each socket's messages are parsed and routed in its data callback
+  (``bridge.wsclient``: no reader task, no per-message wake-up), at full
+  speed: a slow call never stalls the socket, its own playout buffer absorbs
+  the audio. Behind a proxy from the environment the ``websockets`` client
+  is used instead, with a reader task. A message is
   written at once when nothing is queued ahead and the transport holds at
   most ``DIRECT_WRITE_MAX_BUFFERED`` bytes; otherwise one writer task drains
   an outbound FIFO of at most ``MAX_PENDING_SENDS`` messages,
@@ -48,10 +51,8 @@ from typing import Any, Final, Protocol
 from urllib.parse import urlencode
 
 import orjson
-import websockets
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
-from websockets.protocol import State
 
 from bridge.cartesia.protocol import (
     CancelRequest,
@@ -63,6 +64,14 @@ from bridge.cartesia.protocol import (
     parse_server_text,
 )
 from bridge.logs import log_event, loggable_url
+from bridge.wsclient import (
+    HandshakeFailed,
+    HandshakeRefused,
+    InlineWebSocket,
+    LibraryWebSocket,
+    connect_inline,
+    proxy_for,
+)
 from metrics import BridgeMetrics
 
 log = logging.getLogger("bridge.cartesia")
@@ -92,6 +101,8 @@ def connect_failure_kind(exc: BaseException) -> str:
     """The ``status`` label of a failed connect: the HTTP status of a refused
     handshake (``"401"``, ``"503"``), else one of ``connection_refused``,
     ``dns``, ``timeout``, ``handshake``, ``network`` (a small fixed set)."""
+    if isinstance(exc, HandshakeRefused):
+        return str(exc.status_code)
     if isinstance(exc, InvalidStatus):
         return str(exc.response.status_code)
     if isinstance(exc, socket.gaierror):
@@ -100,7 +111,7 @@ def connect_failure_kind(exc: BaseException) -> str:
         return "connection_refused"
     if isinstance(exc, TimeoutError):
         return "timeout"
-    if isinstance(exc, InvalidHandshake):
+    if isinstance(exc, (InvalidHandshake, HandshakeFailed)):
         return "handshake"
     return "network"
 
@@ -129,16 +140,30 @@ class SendQueueFull(ContextError):
     """The socket's outbound queue is full: Cartesia is not reading. Retry later, not at once."""
 
 
+def handshake_status(exc: BaseException) -> int | None:
+    """The HTTP status of a refused handshake, or None for any other failure."""
+    if isinstance(exc, HandshakeRefused):
+        return exc.status_code
+    if isinstance(exc, InvalidStatus):
+        return exc.response.status_code
+    return None
+
+
+#: What a pool socket is: our inline client, or the ``websockets`` one behind a proxy.
+MessageSocket = InlineWebSocket | LibraryWebSocket
+
+
 class _Socket:
-    """One Cartesia WebSocket with its reader and writer tasks."""
+    """One Cartesia WebSocket: messages are routed in its data callback; a
+    writer task drains the outbox when the transport is backed up."""
 
     def __init__(self, pool: CartesiaPool, slot: int) -> None:
         self.pool = pool
         self.slot = slot
-        self.ws: ClientConnection | None = None
+        self.ws: MessageSocket | None = None
         self.contexts: dict[str, ContextListener] = {}
         self.tombstones: OrderedDict[str, None] = OrderedDict()
-        self.outbox: deque[tuple[ContextListener | None, str]] = deque()
+        self.outbox: deque[tuple[ContextListener | None, bytes]] = deque()
         self.queued_by_owner: dict[ContextListener, int] = {}
         self.outbox_event = asyncio.Event()
         self.ready = asyncio.Event()
@@ -167,7 +192,7 @@ class _Socket:
             if queued >= MAX_PENDING_SENDS_PER_CALL:
                 raise SendQueueFull("Cartesia send queue full for this call")
             self.queued_by_owner[owner] = queued + 1
-        self.outbox.append((owner, orjson.dumps(message).decode()))
+        self.outbox.append((owner, orjson.dumps(message)))
         self.outbox_event.set()
         self.last_activity = time.monotonic()
 
@@ -177,13 +202,11 @@ class _Socket:
         hop through the writer task (one event-loop turn on the TTFB path,
         several ms on a loaded loop). ``False``: use the queue."""
         ws = self.ws
-        if ws is None or not self.ready.is_set() or ws.protocol.state is not State.OPEN:
+        if ws is None or not self.ready.is_set() or not ws.is_open:
             return False
-        transport = ws.transport
-        if transport.is_closing() or transport.get_write_buffer_size() > DIRECT_WRITE_MAX_BUFFERED:
+        if ws.write_buffer_size > DIRECT_WRITE_MAX_BUFFERED:
             return False
-        ws.protocol.send_text(orjson.dumps(message))
-        ws.send_data()
+        ws.send_text(orjson.dumps(message))
         self.last_activity = time.monotonic()
         return True
 
@@ -192,7 +215,7 @@ class _Socket:
         attempt = 0
         while not self.closing:
             try:
-                self.ws = await self.pool._connect()
+                self.ws = await self.pool._connect(self._on_raw)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure means "retry later"
@@ -214,7 +237,7 @@ class _Socket:
             self.rotating = False
             idle_timer = asyncio.get_running_loop().call_later(self.pool.max_age_s, self._idle_check)
             try:
-                reason = await self._read_loop(self.ws)
+                reason = await self._until_closed(self.ws)
             finally:
                 writer.cancel()
                 idle_timer.cancel()
@@ -242,18 +265,19 @@ class _Socket:
                 log_event(log, "cartesia_socket_replaced", logging.WARNING if lost else logging.INFO,
                           slot=self.slot, reason=reason, contexts_lost=len(lost))
 
-    async def _write_loop(self, ws: ClientConnection) -> None:
+    async def _write_loop(self, ws: MessageSocket) -> None:
         try:
             while True:
                 await self.outbox_event.wait()
                 self.outbox_event.clear()
                 while self.outbox:
-                    owner, text = self.outbox.popleft()
+                    await ws.drain()
+                    owner, data = self.outbox.popleft()
                     if owner is not None:
                         left = self.queued_by_owner.pop(owner) - 1
                         if left:
                             self.queued_by_owner[owner] = left
-                    await ws.send(text)
+                    ws.send_text(data)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -276,31 +300,26 @@ class _Socket:
         delay = max_age - idle if not self.contexts else min(30.0, max_age)
         self._idle_timer = asyncio.get_running_loop().call_later(max(0.05, delay), self._idle_check)
 
-    async def _read_loop(self, ws: ClientConnection) -> str:
-        pool = self.pool
+    def _on_raw(self, raw: bytes) -> None:
+        """The socket's data callback, per server message: parse and route it now."""
+        now = time.monotonic()
+        self.last_activity = now
         try:
-            while True:
-                # No wait_for here (it wraps every recv in a Task): idleness is a timer's job.
-                # decode=False: orjson reads the UTF-8 bytes itself (no str made per message); invalid
-                # UTF-8 then fails JSON decoding and is counted as malformed like any bad message.
-                raw = await ws.recv(decode=False)
-                now = time.monotonic()
-                self.last_activity = now
-                try:
-                    msg = parse_server_text(raw)
-                except ValueError as exc:
-                    pool.metrics.bad_input.labels(source="cartesia", kind="malformed").inc()
-                    log_event(log, "cartesia_bad_message", logging.WARNING, slot=self.slot, error=str(exc))
-                    continue
-                self._route(msg, now)
-        except websockets.ConnectionClosed as exc:
-            if self.rotating:
-                return "max_age"
-            if exc.rcvd is not None and exc.rcvd.reason:
-                return "idle_timeout" if "idle" in exc.rcvd.reason else "closed"
-            return "connection_lost"
-        except (OSError, asyncio.IncompleteReadError):
-            return "connection_lost"
+            msg = parse_server_text(raw)
+        except ValueError as exc:
+            self.pool.metrics.bad_input.labels(source="cartesia", kind="malformed").inc()
+            log_event(log, "cartesia_bad_message", logging.WARNING, slot=self.slot, error=str(exc))
+            return
+        self._route(msg, now)
+
+    async def _until_closed(self, ws: MessageSocket) -> str:
+        """Wait for the connection to end; the reason label for ``cartesia_reconnects``."""
+        info = await asyncio.shield(ws.closed)
+        if self.rotating:
+            return "max_age"
+        if info.received and info.reason:
+            return "idle_timeout" if "idle" in info.reason else "closed"
+        return "connection_lost"
 
     def _route(self, msg: ServerMessage, now: float) -> None:
         context_id = msg.context_id or ""
@@ -333,13 +352,13 @@ class _Socket:
             self.tombstones.popitem(last=False)
 
 
-async def _quiet_close(ws: ClientConnection | None) -> None:
+async def _quiet_close(ws: MessageSocket | None) -> None:
     if ws is None:
         return
     try:
-        await asyncio.wait_for(ws.close(), 2.0)
+        await ws.close(2.0)
     except Exception:  # noqa: BLE001 - closing a broken socket may fail in many ways
-        pass
+        ws.abort()
 
 
 class ContextLease:
@@ -436,12 +455,17 @@ class CartesiaPool:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def _connect(self) -> ClientConnection:
+    async def _connect(self, on_message: Callable[[bytes], None]) -> MessageSocket:
         headers = {"Cartesia-Version": self.version, "User-Agent": "media-bridge/0.1"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         url = f"{self.url}/tts/websocket?{urlencode({'cartesia_version': self.version})}"
-        return await connect(
+        if proxy_for(url) is None:
+            return await connect_inline(url, on_message, headers=headers, timeout_s=self.connect_timeout_s,
+                                        max_message_bytes=MAX_MESSAGE_BYTES, ping_interval_s=20.0,
+                                        ping_timeout_s=20.0)
+        # Behind an HTTP(S) proxy from the environment: the websockets client knows how to tunnel.
+        conn = await connect(
             url,
             additional_headers=headers,
             open_timeout=self.connect_timeout_s,
@@ -452,6 +476,7 @@ class CartesiaPool:
             max_queue=256,
             logger=_wire_log,
         )
+        return LibraryWebSocket(conn, on_message)
 
     def start(self) -> None:
         """Start every socket's supervisor (connects in the background)."""
@@ -509,7 +534,7 @@ class CartesiaPool:
         self._failure_log[kind] = (now, 0)
         fields: dict[str, Any] = {"slot": slot, "status": kind, "retry_in_s": round(retry_in_s, 3),
                                   "repeats_not_logged": repeats, "url": loggable_url(self.url)}
-        if isinstance(exc, InvalidStatus) and exc.response.status_code in AUTH_STATUSES:
+        if handshake_status(exc) in AUTH_STATUSES:
             log_event(log, "cartesia_auth_failed", logging.ERROR, credential=CREDENTIAL_SETTING, **fields,
                       detail=f"Cartesia refused the handshake with HTTP {kind}: check {CREDENTIAL_SETTING} "
                              "(the key is wrong, revoked or lacks access); retrying with back-off")
