@@ -176,3 +176,13 @@ def test_text_hold_setting_defaults_and_zero() -> None:
     config: Any = Config.from_env({"CARTESIA_TEXT_HOLD_MS": "0", "CARTESIA_MAX_BUFFER_DELAY_MS": "0"})
     assert config.cartesia_text_hold_ms == 0
     assert Config.from_env({"CARTESIA_TEXT_HOLD_MS": "500", "CARTESIA_MAX_BUFFER_DELAY_MS": "0"})
+
+
+@pytest.mark.parametrize("text", ["me. ", 'me." ', "me, ", "me.", "me ", "a: ", "x) ", "hi!) \n", "e.g.x ",
+                                  "wait; ", "so \u2014 ", "and, then. ", "3.5 ", "one, two "])
+def test_one_search_finds_sentence_ends_as_the_protocol_defines_them(text: str) -> None:
+    from bridge.cartesia.contexts import ENDS_CLAUSE, SENTENCE_MARKS
+    from bridge.cartesia.protocol import ENDS_SENTENCE
+
+    clause = ENDS_CLAUSE.search(text)
+    assert (clause is not None and clause.group()[0] in SENTENCE_MARKS) == bool(ENDS_SENTENCE.search(text))

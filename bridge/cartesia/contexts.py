@@ -45,7 +45,6 @@ from bridge.cartesia.client import (
     SendQueueFull,
 )
 from bridge.cartesia.protocol import (
-    ENDS_SENTENCE,
     Done,
     ErrorMessage,
     GenerationRequest,
@@ -59,8 +58,10 @@ MAX_PENDING_REQUESTS: Final = 10_000
 MAX_MERGED_CHARS: Final = 1000
 #: Only this many trailing characters of a joined input are checked for a sentence end.
 SENTENCE_END_WINDOW: Final = 16
-#: A clause end (or a sentence end): the held text goes at the end of the loop turn.
+#: A clause end (the held text goes at the end of the loop turn) or a sentence end (at once,
+#: its mark in ``SENTENCE_MARKS``: ``ENDS_SENTENCE``, with one search per input for both).
 ENDS_CLAUSE: Final = re.compile(r"[.!?;:,\u2014\u2026][\"')\]]*\s+$")
+SENTENCE_MARKS: Final = frozenset(".!?;:")
 #: Default ``text_hold_ms`` (``CARTESIA_TEXT_HOLD_MS``): streamed text waits at most this long (ms).
 DEFAULT_TEXT_HOLD_MS: Final = 80
 
@@ -186,13 +187,13 @@ class CallContexts:
         self._held[context_id] = request
         # Only the tail can end a sentence: no rescan of the whole joined text per token.
         text = request.transcript
-        tail = max(0, len(text) - SENTENCE_END_WINDOW)
-        if not request.continue_ or request.flush or ENDS_SENTENCE.search(text, tail):
+        clause = ENDS_CLAUSE.search(text, max(0, len(text) - SENTENCE_END_WINDOW))
+        if not request.continue_ or request.flush or (clause is not None and clause.group()[0] in SENTENCE_MARKS):
             # Cartesia starts generating here: do not make it wait.
             self._write_one_held(context_id)
         elif context_id in self._turn_end:
             return
-        elif self._hold_s <= 0.0 or context_id not in self._written or ENDS_CLAUSE.search(text, tail):
+        elif self._hold_s <= 0.0 or context_id not in self._written or clause is not None:
             self._turn_end.add(context_id)
             if self._held_write is None:
                 self._held_write = asyncio.get_running_loop().call_soon(self._write_held)
