@@ -10,7 +10,10 @@ hold in ``--holds`` it prints:
 
 * inputs/sentence: ``bridge_cartesia_text_inputs_total`` / sentences written;
 * first word -> audio p50/p90: the first word sent -> the first chunk back (TTFA, ms);
-* sentence end -> audio p50/p90: the token that ends the first sentence -> the first chunk (ms).
+* sentence end -> audio p50/p90: the token that ends the first sentence -> the first chunk (ms);
+* held p50/max: how long each word waited in the bridge (given -> written to the socket, ms), and the
+  first word's and each sentence end's wait (max over utterances): what the hold adds, free of the
+  machine's noise in the audio timings.
 
 The emulator answers ``--ttfb-ms`` after it starts a generation: at a
 sentence end, at 250 buffered characters, or ``max_buffer_delay_ms`` after
@@ -27,7 +30,7 @@ import asyncio
 import re
 
 from bridge.agent.builtin import LONG_PASSAGE
-from bridge.cartesia.client import CartesiaPool
+from bridge.cartesia.client import CartesiaPool, ContextLease
 from bridge.cartesia.contexts import CallContexts
 from bridge.cartesia.emulator import DEFAULT_VOICE_ID, Emulator, EmulatorSettings
 from bridge.cartesia.protocol import Chunk, GenerationRequest, ServerMessage
@@ -51,8 +54,39 @@ class Owner:
         raise SystemExit(f"{context_id} failed: {reason}")
 
 
+class Clock:
+    """When each word was given to ``CallContexts`` and when each input reached the lease (loop s)."""
+
+    def __init__(self) -> None:
+        self.given: dict[str, list[tuple[float, str]]] = {}
+        self.written: dict[str, list[tuple[float, str]]] = {}
+
+    def waits(self) -> tuple[list[float], list[float], list[float]]:
+        """(every word's wait, each first word's wait, each sentence end's wait), ms."""
+        every: list[float] = []
+        first: list[float] = []
+        ends: list[float] = []
+        for ctx, given in self.given.items():
+            # The k-th character of the transcript was written with the input that covers it.
+            written_at: list[float] = []
+            for t, text in self.written.get(ctx, []):
+                written_at.extend([t] * len(text))
+            pos = 0
+            for i, (t, text) in enumerate(given):
+                pos += len(text)
+                if pos > len(written_at):
+                    break
+                wait = (written_at[pos - 1] - t) * 1000
+                every.append(wait)
+                if i == 0:
+                    first.append(wait)
+                if re.search(r"[.!?]\s*$", text):
+                    ends.append(wait)
+        return every, first, ends
+
+
 async def speak(contexts: CallContexts, ctx: str, words: list[str], words_per_s: float, buffer_delay_ms: int,
-                marks: dict[str, tuple[float, float]]) -> None:
+                marks: dict[str, tuple[float, float]], clock: Clock) -> None:
     loop = asyncio.get_running_loop()
     start = loop.time()
     first_word = sentence_end = 0.0
@@ -60,6 +94,7 @@ async def speak(contexts: CallContexts, ctx: str, words: list[str], words_per_s:
         await asyncio.sleep(max(0.0, start + i / words_per_s - loop.time()))
         last = i == len(words) - 1
         now = loop.time()
+        clock.given.setdefault(ctx, []).append((now, text))
         contexts.send(ctx, GenerationRequest(ctx, text, "sonic-3", DEFAULT_VOICE_ID, continue_=not last,
                                              language="en", add_timestamps=True,
                                              max_buffer_delay_ms=buffer_delay_ms))
@@ -86,12 +121,21 @@ async def run(hold_ms: int, args: argparse.Namespace) -> str:
     words[-1] = words[-1].strip()
     sentences = len(re.findall(r"[.!?](\s|$)", LONG_PASSAGE))
     marks: dict[str, tuple[float, float]] = {}
+    clock = Clock()
+    lease_send = ContextLease.send
+
+    def timed_send(lease: ContextLease, request: GenerationRequest) -> None:
+        clock.written.setdefault(request.context_id, []).append(
+            (asyncio.get_running_loop().time(), request.transcript))
+        lease_send(lease, request)
+
+    ContextLease.send = timed_send  # type: ignore[method-assign, assignment]
     try:
         assert await pool.prewarm(5)
         tasks = []
         for u in range(args.utterances):
             tasks.append(asyncio.create_task(speak(contexts, f"u{u}", words, args.words_per_s,
-                                                   args.buffer_delay_ms, marks)))
+                                                   args.buffer_delay_ms, marks, clock)))
             await asyncio.sleep(args.stagger_ms / 1000)
         await asyncio.gather(*tasks)
         for _ in range(500):
@@ -101,9 +145,12 @@ async def run(hold_ms: int, args: argparse.Namespace) -> str:
         inputs = metrics.cartesia_text_inputs._value.get()
         ttfa = [(owner.first_chunk[c] - m[0]) * 1000 for c, m in marks.items()]
         after_end = [(owner.first_chunk[c] - m[1]) * 1000 for c, m in marks.items()]
+        every, first, ends = clock.waits()
         return (f"{hold_ms:7}  {inputs / (sentences * args.utterances):15.2f}  "
-                f"{pct(ttfa, 0.5):15.0f} {pct(ttfa, 0.9):4.0f}  {pct(after_end, 0.5):13.0f} {pct(after_end, 0.9):4.0f}")
+                f"{pct(ttfa, 0.5):15.0f} {pct(ttfa, 0.9):4.0f}  {pct(after_end, 0.5):13.0f} {pct(after_end, 0.9):4.0f}"
+                f"  {pct(every, 0.5):8.1f} {max(every):5.1f}  {max(first):10.1f}  {max(ends):8.1f}")
     finally:
+        ContextLease.send = lease_send  # type: ignore[method-assign]
         contexts.close()
         await pool.close()
         await emulator.stop()
@@ -121,7 +168,8 @@ def main() -> None:
     words = len(LONG_PASSAGE.split(" "))
     print(f"{args.utterances} utterances x {words} words at {args.words_per_s:g}/s, "
           f"max_buffer_delay_ms {args.buffer_delay_ms}, emulator TTFB {args.ttfb_ms:g} ms")
-    print("hold ms  inputs/sentence  word->audio p50 p90  end->audio p50 p90 (ms)")
+    print("hold ms  inputs/sentence  word->audio p50  p90  end->audio p50  p90  held p50   max  first word  sent.end"
+          "  (ms)")
     for hold in args.holds.split(","):
         print(asyncio.run(run(int(hold), args)))
 
