@@ -21,6 +21,11 @@ text arrived. Latencies are wall clock on a shared machine (p50 over the
 utterances is robust to a few late wake-ups; say the load when you quote them)::
 
     python bench/text_hold.py --holds 0,40,80,120
+
+For the bridge's own instructions per word, run the emulator apart (``media-bridge emulator --port 8765
+--ttfb-ms 50 --rtf 0.5 --chunk-ms 40``) and compare callgrind totals of one hold at a time::
+
+    valgrind --tool=callgrind python bench/text_hold.py --emulator-url ws://127.0.0.1:8765 --holds 80 --utterances 4
 """
 
 from __future__ import annotations
@@ -110,10 +115,11 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def run(hold_ms: int, args: argparse.Namespace) -> str:
-    emulator = Emulator(EmulatorSettings(ttfb_ms=args.ttfb_ms, rtf=0.5, chunk_ms=40))
-    await emulator.start()
+    emulator = None if args.emulator_url else Emulator(EmulatorSettings(ttfb_ms=args.ttfb_ms, rtf=0.5, chunk_ms=40))
+    if emulator is not None:
+        await emulator.start()
     metrics = BridgeMetrics()
-    pool = CartesiaPool(url=str(emulator.url), api_key=None, version="2026-03-01", metrics=metrics, size=2,
+    pool = CartesiaPool(url=args.emulator_url or str(emulator.url if emulator else ""), api_key=None, version="2026-03-01", metrics=metrics, size=2,
                         max_concurrency=args.utterances + 1)
     owner = Owner()
     contexts = CallContexts(pool, owner, metrics, admission_timeout_s=5, context_timeout_s=30, text_hold_ms=hold_ms)
@@ -153,7 +159,8 @@ async def run(hold_ms: int, args: argparse.Namespace) -> str:
         ContextLease.send = lease_send  # type: ignore[method-assign]
         contexts.close()
         await pool.close()
-        await emulator.stop()
+        if emulator is not None:
+            await emulator.stop()
 
 
 def main() -> None:
@@ -164,6 +171,9 @@ def main() -> None:
     p.add_argument("--words-per-s", type=float, default=50.0)
     p.add_argument("--buffer-delay-ms", type=int, default=300)
     p.add_argument("--ttfb-ms", type=float, default=50.0)
+    p.add_argument("--emulator-url", default="",
+                   help="an emulator in another process (ws://127.0.0.1:PORT), e.g. to count only this "
+                        "process's instructions under callgrind")
     args = p.parse_args()
     words = len(LONG_PASSAGE.split(" "))
     print(f"{args.utterances} utterances x {words} words at {args.words_per_s:g}/s, "

@@ -11,10 +11,9 @@ to the agents' ``aiohttp.ClientSession`` as ``ws_response_class``) keeps
 aiohttp for everything that is not hot (handshake, TLS, frame parsing in
 aiohttp's C reader, ping/pong, close, errors, the message size cap, flow
 control) and changes one thing: a *sink* (``set_sink``) sees each complete
-TEXT message inside the transport's data callback. If it returns ``True``
-the message is consumed there; otherwise it goes to aiohttp's queue and
-``receive()`` as usual. While that queue holds anything the sink is
-skipped, so messages are handled in arrival order whichever path takes them.
+TEXT message inside the transport's data callback (``bridge.sink_queue``:
+consumed there when it returns ``True``, else queued for ``receive()``, in
+arrival order either way).
 
 How: ``ClientSession._ws_connect`` builds the message queue, hands it to the
 response's ``__init__``, then assigns ``ws_resp._parser`` (a frame reader
@@ -27,7 +26,8 @@ The guard. That is right only for the ``_ws_connect`` and the
 ``ClientWebSocketResponse.__init__`` it was checked against, so the hook is
 enabled only when both fingerprints (``telephony.inline_ws.source_fingerprint``:
 SHA-256 of the source tokens) are known, the private names it uses import,
-and ``WebSocketDataQueue.feed_data`` takes ``(data, size)``. Otherwise
+and ``bridge.sink_queue.SinkQueue`` (shared with the Twilio side) is
+available. Otherwise
 ``INLINE_CLIENT`` is ``False`` with the reason in ``INLINE_CLIENT_REASON``
 and ``inline_response_class`` returns aiohttp's own class: every message
 takes ``receive()`` (correct, just more CPU per call). ``self_test`` opens
@@ -41,15 +41,15 @@ with what this module relies on, then add ``client_fingerprints()``.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import tokenize
 from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
-from telephony.inline_ws import Sink, source_fingerprint
+from bridge.sink_queue import SINK_QUEUE, SINK_QUEUE_REASON, Sink
+from telephony.inline_ws import source_fingerprint
 
 #: (``ClientSession._ws_connect``, ``ClientWebSocketResponse.__init__``) fingerprints
 #: this module was checked against: aiohttp 3.14.5.
@@ -70,21 +70,20 @@ def client_fingerprints() -> tuple[str, str]:
 
 def check_client_hook(known: frozenset[tuple[str, str]] = KNOWN_CLIENT) -> tuple[bool, str]:
     """Whether the client receive hook may be used with the installed aiohttp, and why not."""
+    if not SINK_QUEUE:
+        return False, SINK_QUEUE_REASON
     try:
-        from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader  # noqa: F401
+        from aiohttp._websocket.reader import WebSocketReader  # noqa: F401
         from aiohttp.helpers import DEFAULT_CHUNK_SIZE  # noqa: F401
     except ImportError as exc:
         return False, f"aiohttp internals moved: {exc}"
     try:
         fingerprints = client_fingerprints()
-        feed_params = list(inspect.signature(WebSocketDataQueue.feed_data).parameters)
     except (OSError, TypeError, ValueError, tokenize.TokenError) as exc:
         return False, f"cannot inspect aiohttp: {exc}"
     if fingerprints not in known:
         return False, (f"ClientSession._ws_connect / ClientWebSocketResponse.__init__ changed "
                        f"(fingerprints {fingerprints[0][:16]}… / {fingerprints[1][:16]}…)")
-    if feed_params != ["self", "data", "size"]:
-        return False, f"WebSocketDataQueue.feed_data takes {feed_params}"
     return True, "aiohttp internals as verified"
 
 
@@ -92,23 +91,10 @@ INLINE_CLIENT, INLINE_CLIENT_REASON = check_client_hook()
 
 
 if INLINE_CLIENT:
-    from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
+    from aiohttp._websocket.reader import WebSocketReader
     from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 
-    class _SinkQueue(WebSocketDataQueue):
-        """aiohttp's message queue, with a sink that may take TEXT messages first."""
-
-        def __init__(self, protocol: Any, limit: int, *, loop: Any) -> None:
-            super().__init__(protocol, limit, loop=loop)
-            self.sink: Sink | None = None
-            self.inline_messages = 0
-
-        def feed_data(self, data: Any, size: int) -> None:
-            sink = self.sink
-            if sink is not None and data.type is WSMsgType.TEXT and not self._buffer and sink(data.data):
-                self.inline_messages += 1
-                return
-            super().feed_data(data, size)
+    from bridge.sink_queue import SinkQueue
 
 
 class InlineClientWebSocketResponse(aiohttp.ClientWebSocketResponse):
@@ -130,7 +116,7 @@ class InlineClientWebSocketResponse(aiohttp.ClientWebSocketResponse):
         # aiohttp's queue (``reader``) is left unused: the frame reader is built on this one.
         connection = response.connection
         assert connection is not None and connection.protocol is not None
-        self._sink_queue = _SinkQueue(connection.protocol, DEFAULT_CHUNK_SIZE, loop=loop)
+        self._sink_queue = SinkQueue(connection.protocol, DEFAULT_CHUNK_SIZE, loop=loop)
         super().__init__(self._sink_queue, writer, protocol, response, timeout, autoclose, autoping, loop,
                          **kwargs)
 
