@@ -44,6 +44,10 @@ ENV_VARS: Final[dict[str, tuple[str | None, str]]] = {
     # Cartesia's guidance for streamed tokens is managed buffering (delay > 0); 0 is for whole phrases.
     # A turn's last token (continue:false) or a flush still makes it generate at once.
     "CARTESIA_MAX_BUFFER_DELAY_MS": ("300", "max_buffer_delay_ms sent with streamed text (0 = generate at once)"),
+    # Agents stream a word per message; joining them saves a Cartesia message per word. Keep it well
+    # below CARTESIA_MAX_BUFFER_DELAY_MS: Cartesia waits for more text anyway, the bridge must not add to it.
+    "CARTESIA_TEXT_HOLD_MS": ("80", "streamed text waits up to this long to be joined into one Cartesia input "
+                              "(sentence ends, a turn's last token and flushes go at once; 0 = no hold)"),
     "CARTESIA_SOCKET_MAX_AGE_S": ("240", "replace a Cartesia socket idle this long (Cartesia closes at 300 s)"),
     "CARTESIA_DOWN_GRACE_S": ("5", "with no Cartesia socket connected this long, /readyz fails and calls are refused"),
     "CARTESIA_RECONNECT_BACKOFF_MAX_S": ("5", "longest back-off between Cartesia connect attempts (doubling from 0.1 s)"),
@@ -108,6 +112,7 @@ class Config:
     cartesia_admission_timeout_s: float = 5.0
     cartesia_context_timeout_s: float = 30.0
     cartesia_max_buffer_delay_ms: int = 300
+    cartesia_text_hold_ms: int = 80
     cartesia_socket_max_age_s: float = 240.0
     cartesia_down_grace_s: float = 5.0
     cartesia_reconnect_backoff_max_s: float = 5.0
@@ -231,6 +236,10 @@ class Config:
         interval = as_int("PLAYOUT_MARK_INTERVAL_MS", 20, 10_000)
         if interval > lead:
             problems.append("PLAYOUT_MARK_INTERVAL_MS must not exceed PLAYOUT_LEAD_MS (echoes would stall playout)")
+        hold_ms, buffer_delay_ms = as_int("CARTESIA_TEXT_HOLD_MS", 0, 1000), as_int("CARTESIA_MAX_BUFFER_DELAY_MS", 0, 5000)
+        if 0 < buffer_delay_ms <= hold_ms:
+            # Cartesia would start generating before the bridge let the text go: the hold would add latency.
+            problems.append("CARTESIA_TEXT_HOLD_MS must be below CARTESIA_MAX_BUFFER_DELAY_MS (or 0)")
         stt_enabled = str(get("STT_ENABLED")).lower()
         if stt_enabled not in ("auto", "true", "false"):
             problems.append(f"STT_ENABLED={stt_enabled!r} must be auto, true or false")
@@ -262,7 +271,8 @@ class Config:
             cartesia_max_concurrency=as_int("CARTESIA_MAX_CONCURRENCY", 1, 100_000),
             cartesia_admission_timeout_s=as_float("CARTESIA_ADMISSION_TIMEOUT_S", 0.0, 600.0),
             cartesia_context_timeout_s=as_float("CARTESIA_CONTEXT_TIMEOUT_S", 1.0, 3600.0),
-            cartesia_max_buffer_delay_ms=as_int("CARTESIA_MAX_BUFFER_DELAY_MS", 0, 5000),
+            cartesia_max_buffer_delay_ms=buffer_delay_ms,
+            cartesia_text_hold_ms=hold_ms,
             cartesia_socket_max_age_s=as_float("CARTESIA_SOCKET_MAX_AGE_S", 1.0, 3600.0),
             cartesia_down_grace_s=as_float("CARTESIA_DOWN_GRACE_S", 0.0, 600.0),
             cartesia_reconnect_backoff_max_s=as_float("CARTESIA_RECONNECT_BACKOFF_MAX_S", 0.1, 300.0),

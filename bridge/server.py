@@ -45,6 +45,7 @@ from bridge.agent.play_audio import PlayAudioFetcher
 from bridge.agent.relay_settings import RelaySettingsError
 from bridge.call import CallSettings
 from bridge.cartesia.client import CartesiaPool
+from bridge.cartesia.contexts import CallContexts
 from bridge.cartesia.stt_client import SttAdmission, SttStream
 from bridge.cartesia.stt_protocol import SttParams
 from bridge.config import Config
@@ -214,9 +215,10 @@ class BridgeServer:
             metrics=self.metrics,
             registry=self.registry,
             agents=self.agents,
-            tts=CallServices.tts_on(self.pool, self.metrics,
-                                    admission_timeout_s=config.cartesia_admission_timeout_s,
-                                    context_timeout_s=config.cartesia_context_timeout_s),
+            tts=CallContexts.factory(self.pool, self.metrics,
+                                     admission_timeout_s=config.cartesia_admission_timeout_s,
+                                     context_timeout_s=config.cartesia_context_timeout_s,
+                                     text_hold_ms=config.cartesia_text_hold_ms),
             fallback_line=config.fallback_line,
             call_control=self.call_control,
             stt=self._stt_factory(cartesia_url) if config.stt_enabled != "false" else None,

@@ -154,6 +154,10 @@ class BridgeMetrics:
         self.context_retries = Counter(
             "bridge_cartesia_context_retries", "Utterances re-sent on a new context", ["reason"], registry=r
         )
+        # Per sentence this is about 1 + words / (hold in s x words per s): agent tokens are joined.
+        self.cartesia_text_inputs = Counter(
+            "bridge_cartesia_text_inputs", "Generation inputs (text, flush, close) written to Cartesia", registry=r
+        )
         self.context_timeouts = Counter(
             "bridge_cartesia_context_timeouts", "Contexts ended by deadline without done", registry=r
         )

@@ -85,8 +85,9 @@ def requests_for(bridge: Bridge, ctx: str) -> list[dict[str, Any]]:
 
 
 async def test_setup_tokens_continuations_dtmf_config_and_end(make_bridge: BridgeFactory, agent: AgentServer) -> None:
+    # No text hold: this checks the word-boundary cuts per token (tests/test_text_hold.py covers the hold).
     bridge = await make_bridge({"AGENT_URL": agent.url, "AGENT_TOKEN": "agent-bearer-1",
-                                "HANDOFF_URL": "https://crm.example.com/handoff"})
+                                "HANDOFF_URL": "https://crm.example.com/handoff", "CARTESIA_TEXT_HOLD_MS": "0"})
     call = bridge.call()
     await call.place()
     await call.connect()

@@ -10,7 +10,9 @@ holds at most ``max_links + LINK_HEADROOM`` connections (aiohttp's default of
 connection for the whole call). ``max_links`` is ``MAX_CALLS``, which the
 voice webhook already enforces, so the pool never is the bound; a link beyond
 it waits for a connection up to the connect timeout, then the caller hears
-the fallback line.
+the fallback line. Its WebSockets are ``inline_client`` responses (agent
+TEXT messages handled in the data callback; aiohttp's plain path when the
+guard there does not know the installed aiohttp or ``inline_receive`` is off).
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ from typing import Final
 import aiohttp
 
 from bridge.agent.builtin import BuiltinAgentLink
-from bridge.agent.link import AgentLink, AgentUnavailable, Closed, Deliver, RemoteAgentLink, agent_url_allowed
+from bridge.agent.inline_client import inline_response_class
+from bridge.agent.link import (
+    AGENT_SOCKET_MAX_MSG_BYTES,
+    AgentLink,
+    AgentUnavailable,
+    Closed,
+    Deliver,
+    RemoteAgentLink,
+    agent_url_allowed,
+)
 from bridge.logs import loggable_url
 from metrics import BridgeMetrics
 from telephony.signature import sign
@@ -43,6 +54,7 @@ class AgentConnector:
         max_links: int,
         metrics: BridgeMetrics,
         twilio_auth_token: str | None = None,
+        inline_receive: bool = True,
     ) -> None:
         self.agent_url = agent_url
         self.allowlist = allowlist
@@ -53,11 +65,16 @@ class AgentConnector:
         self.metrics = metrics
         self.http: aiohttp.ClientSession | None = None
         self._twilio_auth_token = twilio_auth_token
+        #: Agent TEXT messages handled in the socket's data callback (``inline_client``; off = reader task).
+        self.inline_receive = inline_receive
 
     def start(self) -> None:
         """Create the shared HTTP client (inside the running event loop)."""
         if self.http is None:
-            self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.connection_limit))
+            # Every ws_connect on it passes AGENT_SOCKET_MAX_MSG_BYTES (RemoteAgentLink.start).
+            self.http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.connection_limit),
+                ws_response_class=inline_response_class(AGENT_SOCKET_MAX_MSG_BYTES, inline=self.inline_receive))
 
     async def close(self) -> None:
         if self.http is not None:

@@ -6,7 +6,12 @@
 * ``RemoteAgentLink`` is a WebSocket to ``AGENT_URL`` (optional bearer
   token). Outbound messages wait in a FIFO of at most ``MAX_OUTBOX``
   messages (policy when full: the oldest ``media`` message is dropped first,
-  then the link is closed as too slow and the call is told).
+  then the link is closed as too slow and the call is told). Inbound
+  messages are at most ``AGENT_SOCKET_MAX_MSG_BYTES``; beyond it the socket
+  fails (1009) and the call is told. On a session made by ``AgentConnector``
+  each TEXT message is delivered inside the socket's data callback
+  (``bridge/agent/inline_client.py``: no task wake-up per message), anything
+  else by the link's reader task, in arrival order either way.
 
 Both deliver agent -> bridge messages through the ``deliver`` callback given
 to ``start``, always from the event loop, never re-entrantly.
@@ -24,12 +29,15 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 import orjson
 
+from bridge.agent.inline_client import InlineClientWebSocketResponse
 from bridge.agent.protocol import MAX_AGENT_MESSAGE_BYTES
 from bridge.logs import log_event, loggable_url
 
 log = logging.getLogger("bridge.agent")
 
 MAX_OUTBOX: Final = 1000
+#: Largest agent -> bridge message the socket takes (bytes; ``max_msg_size``, 1009 beyond it).
+AGENT_SOCKET_MAX_MSG_BYTES: Final = MAX_AGENT_MESSAGE_BYTES * 4
 
 Deliver = Callable[[str | dict[str, Any]], None]
 Closed = Callable[[str], None]
@@ -101,6 +109,9 @@ class RemoteAgentLink(AgentLink):
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._deliver: Deliver | None = None  # set while the inline sink delivers
+        #: True once TEXT messages are delivered inline (the session's socket has the hook).
+        self.inline = False
 
     #: Set by the connector when TWILIO_AUTH_TOKEN is: ``X-Twilio-Signature`` for the upgrade,
     #: computed as Twilio does for ConversationRelay (the URL, no params), so agents that
@@ -117,7 +128,7 @@ class RemoteAgentLink(AgentLink):
                     self.url,
                     headers=headers,
                     timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
-                    max_msg_size=MAX_AGENT_MESSAGE_BYTES * 4,
+                    max_msg_size=AGENT_SOCKET_MAX_MSG_BYTES,
                     heartbeat=30.0,
                 ),
                 self._timeout,
@@ -125,10 +136,29 @@ class RemoteAgentLink(AgentLink):
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             # The exception text may repeat the URL with its query: name the error, log a clean URL.
             raise AgentUnavailable(f"{type(exc).__name__} connecting to {loggable_url(self.url)}") from None
+        if isinstance(self._ws, InlineClientWebSocketResponse):
+            # TEXT messages are handled as they are parsed; the reader task gets the rest.
+            self._deliver = deliver
+            self.inline = self._ws.set_sink(self._take_inline)
         self._tasks = [
             asyncio.create_task(self._read(deliver, closed), name="agent-read"),
             asyncio.create_task(self._write(closed), name="agent-write"),
         ]
+
+    def _take_inline(self, text: str) -> bool:
+        """The socket's sink: one TEXT message, inside the transport's data callback."""
+        deliver = self._deliver
+        if deliver is None or self._closed:
+            return False  # left in aiohttp's queue, never read
+        self._handle(deliver, text)
+        return True
+
+    def _handle(self, deliver: Deliver, message: str | dict[str, Any]) -> None:
+        try:
+            deliver(message)
+        except Exception:  # noqa: BLE001 - a handler bug must not drop the agent (and the call)
+            log.exception("agent_message_handler_failed")
+            self.send({"type": "error", "description": "the bridge failed to handle that message"})
 
     async def _read(self, deliver: Deliver, closed: Closed) -> None:
         assert self._ws is not None
@@ -139,14 +169,10 @@ class RemoteAgentLink(AgentLink):
                     # aiohttp puts the cause (e.g. 1009, a message over the size cap) in the message itself.
                     reason = f"agent socket error: {self._ws.exception() or msg.data!r}"
                     break
-                try:
-                    if msg.type == aiohttp.WSMsgType.TEXT:
-                        deliver(msg.data)
-                    elif msg.type == aiohttp.WSMsgType.BINARY:
-                        deliver({"type": "__binary__"})
-                except Exception:  # noqa: BLE001 - a handler bug must not drop the agent (and the call)
-                    log.exception("agent_message_handler_failed")
-                    self.send({"type": "error", "description": "the bridge failed to handle that message"})
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    self._handle(deliver, msg.data)
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    self._handle(deliver, {"type": "__binary__"})
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -184,6 +210,9 @@ class RemoteAgentLink(AgentLink):
 
     async def close(self) -> None:
         self._closed = True
+        self._deliver = None
+        if isinstance(self._ws, InlineClientWebSocketResponse):
+            self._ws.set_sink(None)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -11,13 +11,18 @@ Limits:
 
 * Per context, at most ``MAX_PENDING_REQUESTS`` inputs wait for admission;
   beyond that the context fails (the owner is told, without retry).
-* Inputs made in one event-loop turn (an agent that delivers a passage as a
-  burst of tokens) are joined into one input of at most ``MAX_MERGED_CHARS``
-  characters, written as soon as it ends a sentence or closes the context
-  (where Cartesia starts generating) and otherwise when the turn ends: one
-  message per sentence instead of one per token, same text
-  (``merge_continuation``). A token that arrives alone waits one loop turn at
-  most. At most one such input is held per context.
+* A context's inputs are joined (``merge_continuation``, same text) into one
+  held input of at most ``MAX_MERGED_CHARS`` characters; at most one is held
+  per context. It is written at once when it ends a sentence, closes the
+  context (``continue: false``) or asks for a flush (where Cartesia starts
+  generating), or when the next input cannot be joined (another voice,
+  language or settings; the length cap). Otherwise it is written at the end
+  of the event-loop turn when it is the context's first input (Cartesia's
+  own buffer clock, ``max_buffer_delay_ms``, starts with the first word) or
+  ends a clause, and else ``text_hold_ms`` after the first input held (one
+  timer per context). An agent that streams a word per loop turn (50
+  words/s) so costs one Cartesia message per ~4 words instead of one per
+  word; ``text_hold_ms`` = 0 writes every input at the end of its turn.
 * A closed context (``continue: false``) that hears nothing from Cartesia for
   ``context_timeout_s`` seconds is cancelled and reported as failed with
   ``retry=True, cause="no_done"`` (the owner resumes what is missing).
@@ -26,7 +31,9 @@ Limits:
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from bridge.cartesia.client import (
@@ -38,7 +45,6 @@ from bridge.cartesia.client import (
     SendQueueFull,
 )
 from bridge.cartesia.protocol import (
-    ENDS_SENTENCE,
     Done,
     ErrorMessage,
     GenerationRequest,
@@ -52,6 +58,12 @@ MAX_PENDING_REQUESTS: Final = 10_000
 MAX_MERGED_CHARS: Final = 1000
 #: Only this many trailing characters of a joined input are checked for a sentence end.
 SENTENCE_END_WINDOW: Final = 16
+#: A clause end (the held text goes at the end of the loop turn) or a sentence end (at once,
+#: its mark in ``SENTENCE_MARKS``: ``ENDS_SENTENCE``, with one search per input for both).
+ENDS_CLAUSE: Final = re.compile(r"[.!?;:,\u2014\u2026][\"')\]]*\s+$")
+SENTENCE_MARKS: Final = frozenset(".!?;:")
+#: Default ``text_hold_ms`` (``CARTESIA_TEXT_HOLD_MS``): streamed text waits at most this long (ms).
+DEFAULT_TEXT_HOLD_MS: Final = 80
 
 
 class ContextOwner(Protocol):
@@ -92,6 +104,7 @@ class CallContexts:
         *,
         admission_timeout_s: float,
         context_timeout_s: float,
+        text_hold_ms: int = DEFAULT_TEXT_HOLD_MS,
     ) -> None:
         self._pool = pool
         self._owner = owner
@@ -103,9 +116,33 @@ class CallContexts:
         self._admissions: dict[str, asyncio.Task[None]] = {}
         self._deadlines: dict[str, asyncio.TimerHandle] = {}
         self._last_heard: dict[str, float] = {}  # context_id -> last Cartesia message (monotonic s)
-        # Inputs joined during this loop turn, per context, written by _write_held at its end.
+        self._hold_s = text_hold_ms / 1000.0
+        # The joined input not yet written, per context; it goes at a sentence end, at the
+        # turn's end (context in _turn_end, one call_soon for all) or when its hold timer fires.
         self._held: dict[str, GenerationRequest] = {}
+        self._turn_end: set[str] = set()
         self._held_write: asyncio.Handle | None = None
+        self._hold_timers: dict[str, asyncio.TimerHandle] = {}
+        self._written: set[str] = set()  # contexts whose first input went out (later ones may be held)
+
+    @classmethod
+    def factory(cls, pool: CartesiaPool, metrics: BridgeMetrics, *, admission_timeout_s: float,
+                context_timeout_s: float, text_hold_ms: int) -> Callable[[ContextOwner], CallContexts]:
+        """A ``CallServices.tts`` factory: each call's contexts on ``pool``."""
+        def open_contexts(owner: ContextOwner) -> CallContexts:
+            return cls(pool, owner, metrics, admission_timeout_s=admission_timeout_s,
+                       context_timeout_s=context_timeout_s, text_hold_ms=text_hold_ms)
+        return open_contexts
+
+    @property
+    def held_inputs(self) -> int:
+        """Contexts with an input held back (not yet written to Cartesia)."""
+        return len(self._held)
+
+    @property
+    def timers(self) -> int:
+        """Hold timers, context deadlines and the turn-end write still scheduled."""
+        return len(self._hold_timers) + len(self._deadlines) + (self._held_write is not None)
 
     # ---------------------------------------------------------------- input
 
@@ -125,24 +162,7 @@ class CallContexts:
             self._leases[context_id] = lease
             self._last_heard[context_id] = time.monotonic()
         if context_id in self._leases:
-            # Join it with the rest of this turn's inputs; written at a sentence end or the turn's end.
-            held = self._held.get(context_id)
-            if held is not None:
-                merged = merge_continuation(held, request)
-                if merged is not None and len(merged.transcript) <= MAX_MERGED_CHARS:
-                    request = merged
-                else:
-                    self._write_one_held(context_id)  # keep the order: what was held goes first
-                    if context_id not in self._leases:
-                        return  # that write failed and the utterance is being resumed from its text
-            self._held[context_id] = request
-            # Only the tail can end a sentence: no rescan of the whole joined text per token.
-            text = request.transcript
-            if not request.continue_ or ENDS_SENTENCE.search(text, max(0, len(text) - SENTENCE_END_WINDOW)):
-                # Cartesia starts generating at a sentence end (or at the close): do not make it wait.
-                self._write_one_held(context_id)
-            elif self._held_write is None:
-                self._held_write = asyncio.get_running_loop().call_soon(self._write_held)
+            self._hold(context_id, request)
             return
         pending = self._pending[context_id]
         merged = merge_continuation(pending[-1], request)
@@ -153,21 +173,68 @@ class CallContexts:
         else:
             pending.append(request)
 
+    def _hold(self, context_id: str, request: GenerationRequest) -> None:
+        """Join ``request`` with the context's held input; write or schedule the result."""
+        held = self._held.get(context_id)
+        if held is not None:
+            merged = merge_continuation(held, request)
+            if merged is not None and len(merged.transcript) <= MAX_MERGED_CHARS:
+                request = merged
+            else:
+                self._write_one_held(context_id)  # keep the order: what was held goes first
+                if context_id not in self._leases:
+                    return  # that write failed and the utterance is being resumed from its text
+        self._held[context_id] = request
+        # Only the tail can end a sentence: no rescan of the whole joined text per token.
+        text = request.transcript
+        clause = ENDS_CLAUSE.search(text, max(0, len(text) - SENTENCE_END_WINDOW))
+        if not request.continue_ or request.flush or (clause is not None and clause.group()[0] in SENTENCE_MARKS):
+            # Cartesia starts generating here: do not make it wait.
+            self._write_one_held(context_id)
+        elif context_id in self._turn_end:
+            return
+        elif self._hold_s <= 0.0 or context_id not in self._written or clause is not None:
+            self._turn_end.add(context_id)
+            if self._held_write is None:
+                self._held_write = asyncio.get_running_loop().call_soon(self._write_held)
+        elif context_id not in self._hold_timers:
+            self._hold_timers[context_id] = asyncio.get_running_loop().call_later(
+                self._hold_s, self._hold_expired, context_id)
+
     def _write_held(self) -> None:
-        """End of the loop turn: write every context's joined input."""
+        """End of the loop turn: write the held input of every context marked for it."""
         self._held_write = None
-        for context_id in list(self._held):
+        for context_id in list(self._turn_end):
             self._write_one_held(context_id)
 
+    def _hold_expired(self, context_id: str) -> None:
+        self._hold_timers.pop(context_id, None)
+        self._write_one_held(context_id)
+
     def _write_one_held(self, context_id: str) -> None:
+        self._turn_end.discard(context_id)
+        timer = self._hold_timers.pop(context_id, None)
+        if timer is not None:
+            timer.cancel()
         request = self._held.pop(context_id, None)
         lease = self._leases.get(context_id)
         if request is None or lease is None or self._owner.closed:
             return
+        self._written.add(context_id)
+        self._metrics.cartesia_text_inputs.inc()
         try:
             lease.send(request)
         except ContextError as exc:  # socket just died / queue full: transient, resume elsewhere
             self._failed(context_id, str(exc), retry=True, cause=retry_cause(exc))
+
+    def _drop_held(self, context_id: str) -> None:
+        """Forget the context's held input and its timer (the context is over)."""
+        self._held.pop(context_id, None)
+        self._turn_end.discard(context_id)
+        self._written.discard(context_id)
+        timer = self._hold_timers.pop(context_id, None)
+        if timer is not None:
+            timer.cancel()
 
     async def _admit(self, context_id: str) -> None:
         try:
@@ -186,7 +253,9 @@ class CallContexts:
             return
         self._leases[context_id] = lease
         self._last_heard[context_id] = time.monotonic()
+        self._written.add(context_id)
         for request in self._pending.pop(context_id, []):
+            self._metrics.cartesia_text_inputs.inc()
             try:
                 lease.send(request)
             except ContextError as exc:
@@ -231,7 +300,7 @@ class CallContexts:
     # ------------------------------------------------------------ endings
 
     def _failed(self, context_id: str, reason: str, *, retry: bool = False, cause: str = "socket_lost") -> None:
-        self._held.pop(context_id, None)  # its text is resumed from what the owner knows was sent
+        self._drop_held(context_id)  # its text is resumed from what the owner knows was sent
         lease = self._leases.pop(context_id, None)
         if lease is not None:
             lease.cancel()
@@ -240,7 +309,7 @@ class CallContexts:
 
     def cancel(self, context_id: str) -> None:
         """Stop ``context_id`` now: Cartesia ``cancel``, slot freed, late chunks dropped."""
-        self._held.pop(context_id, None)
+        self._drop_held(context_id)
         task = self._admissions.pop(context_id, None)
         if task is not None:
             task.cancel()
@@ -251,14 +320,16 @@ class CallContexts:
         self._drop_deadline(context_id)
 
     def close(self) -> None:
-        """Cancel every context, admission, held input and timer of the call."""
+        """Cancel every context, admission, held input and timer (hold timers too) of the call."""
         for context_id in list(self._leases):
             self.cancel(context_id)
         for task in list(self._admissions.values()):
             task.cancel()
         self._admissions.clear()
         self._pending.clear()
-        self._held.clear()
+        for context_id in list(self._held):
+            self._drop_held(context_id)
+        self._written.clear()
         if self._held_write is not None:
             self._held_write.cancel()
             self._held_write = None
@@ -274,7 +345,7 @@ class CallContexts:
         if context_id in self._last_heard:
             self._last_heard[context_id] = received_at
         if isinstance(msg, (Done, ErrorMessage)):
-            self._held.pop(context_id, None)
+            self._drop_held(context_id)
             lease = self._leases.pop(context_id, None)
             if lease is not None:
                 lease.abandon()
@@ -282,7 +353,7 @@ class CallContexts:
         self._owner.on_tts_message(context_id, msg, received_at)
 
     def on_context_lost(self, context_id: str, reason: str) -> None:
-        self._held.pop(context_id, None)
+        self._drop_held(context_id)
         self._leases.pop(context_id, None)
         self._drop_deadline(context_id)
         if self._owner.closed:
