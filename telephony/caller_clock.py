@@ -15,14 +15,25 @@ import os
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 import aiohttp
 
-if TYPE_CHECKING:
-    from telephony.simulator import SimulatedCall
+__all__ = ["OPCODE_BINARY", "OPCODE_TEXT", "CallerClock", "ClockedCall", "MaskedFrameWriter"]
 
-__all__ = ["OPCODE_BINARY", "OPCODE_TEXT", "CallerClock", "MaskedFrameWriter"]
+
+class ClockedCall(Protocol):
+    """What ``CallerClock`` needs of a call (``telephony.simulator.SimulatedCall`` is one)."""
+
+    @property
+    def send_inbound_audio(self) -> bool: ...
+
+    @property
+    def next_frame_due(self) -> float: ...
+
+    def send_due_frames(self, now: float) -> float | None: ...
+
+    def echo_due_marks(self, now: float) -> None: ...
 
 
 def _mask_with_ints(mask: bytes, data: bytearray) -> None:
@@ -124,25 +135,25 @@ class CallerClock:
         if not 0.001 <= tick_s <= 0.020:
             raise ValueError("tick_s must be in [1, 20] ms")
         self.tick_s = tick_s
-        self.calls: dict[int, SimulatedCall] = {}
+        self.calls: dict[int, ClockedCall] = {}
         #: (due monotonic s, tie-break, call): each registered call's next inbound frame.
-        self._frames: list[tuple[float, int, SimulatedCall]] = []
+        self._frames: list[tuple[float, int, ClockedCall]] = []
         #: (due monotonic s, tie-break, call): one entry per mark placed (stale ones are no-ops).
-        self._marks: list[tuple[float, int, SimulatedCall]] = []
+        self._marks: list[tuple[float, int, ClockedCall]] = []
         self._seq = itertools.count()
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, call: SimulatedCall) -> None:
+    def add(self, call: ClockedCall) -> None:
         self.calls[id(call)] = call
         if call.send_inbound_audio:
             heapq.heappush(self._frames, (call.next_frame_due, next(self._seq), call))
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="caller-clock")
 
-    def remove(self, call: SimulatedCall) -> None:
+    def remove(self, call: ClockedCall) -> None:
         self.calls.pop(id(call), None)
 
-    def mark_due(self, call: SimulatedCall, due: float) -> None:
+    def mark_due(self, call: ClockedCall, due: float) -> None:
         """A mark was placed on ``call``: echo it once ``due`` has passed."""
         heapq.heappush(self._marks, (due, next(self._seq), call))
 
