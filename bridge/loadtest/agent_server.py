@@ -4,7 +4,8 @@ Every benchmark used to drive the bridge through its in-process demo agent;
 a user's agent is another process behind ``AGENT_URL``. This server plays
 that agent on ``ws://HOST:PORT/agent`` (any path), one WebSocket per call:
 
-* ``setup``: greets (``customParameters.greeting``, else ``--greeting``);
+* ``setup``: greets (``customParameters.greeting``, else ``--greeting``), the
+  whole line in one ``text`` message (a prepared greeting is not generated);
 * ``dtmf`` ``9``: the demo agent's long passage; ``0``: "Goodbye." then
   ``end``; any other digit: "You pressed N.";
 * a final ``prompt`` (``last`` true, words in ``voicePrompt``): "You said
@@ -13,7 +14,7 @@ that agent on ``ws://HOST:PORT/agent`` (any path), one WebSocket per call:
 * ``interrupt``: the turn being streamed stops before its next token and is
   closed with an empty ``last`` token, as an LLM agent would stop generating.
 
-Text streams token by token (one word per ``text`` message) at
+Other turns stream token by token (one word per ``text`` message) at
 ``--tokens-per-s`` (an LLM's pace, anchored so the average rate is exact; 0 =
 every token at once, like the built-in agent). A call's turns are spoken one
 after another; at most ``MAX_PENDING_TURNS`` wait, a turn beyond that is
@@ -81,10 +82,12 @@ class AgentStats:
 
 @dataclass(frozen=True, slots=True)
 class Turn:
-    """One thing to say; ``end`` sends ``end`` after it (the call is over)."""
+    """One thing to say; ``end`` sends ``end`` after it (the call is over); ``whole`` sends the
+    text as one ``text`` message (a prepared line, not generated), else word by word."""
 
     text: str
     end: bool = False
+    whole: bool = False
 
 
 def reply_to(message: dict[str, Any], greeting: str) -> Turn | None:
@@ -92,7 +95,8 @@ def reply_to(message: dict[str, Any], greeting: str) -> Turn | None:
     kind = message.get("type")
     if kind == "setup":
         params = message.get("customParameters") or {}
-        return Turn(str(params.get("greeting") or greeting) if isinstance(params, dict) else greeting)
+        # A greeting is a prepared line: sent at once, as a real agent sends its welcome text.
+        return Turn(str(params.get("greeting") or greeting) if isinstance(params, dict) else greeting, whole=True)
     if kind == "dtmf":
         digit = str(message.get("digit"))
         if digit == "9":
@@ -224,7 +228,7 @@ class AgentCall:
                 if not self._turns:
                     return None
                 self._turn = self._turns.popleft()
-                self._parts = tokens(self._turn.text)
+                self._parts = [self._turn.text] if self._turn.whole else tokens(self._turn.text)
                 self._next, self._start, self._interrupts_at_start = 0, now, self._interrupts
                 self.stats.turns += 1
             i = self._next
