@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import audioop
-import contextlib
 import math
 import secrets
 import time
@@ -37,6 +36,8 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import aiohttp
 from yarl import URL
 
+from telephony.caller_clock import OPCODE_BINARY, OPCODE_TEXT, MaskedFrameWriter
+from telephony.caller_clock import CallerClock as CallerClock  # re-exported: callers import it from here
 from telephony.media import (
     FRAME_BYTES,
     MULAW_SILENCE,
@@ -102,8 +103,11 @@ class EarModel:
             self.segments.append(PlayedSegment(start, end, audio))
             self.recorded += len(audio)
 
-    def mark(self, name: str, now: float) -> None:
-        self.pending_marks.append((max(now, self.buffer_end), name))
+    def mark(self, name: str, now: float) -> float:
+        """Queue a mark; returns when it is due (when the audio before it has played)."""
+        due = max(now, self.buffer_end)
+        self.pending_marks.append((due, name))
+        return due
 
     def due_marks(self, now: float) -> list[str]:
         out = []
@@ -188,51 +192,6 @@ class CallRecord:
         return None
 
 
-class CallerClock:
-    """Drives inbound audio and mark echoes of many simulated calls from one task.
-
-    Shared by a process's calls, it saves two timer tasks per call (a frame
-    every 20 ms, an echo per mark): at 300 calls those wake-ups cost a caller
-    process most of its CPU, and a saturated load side shows up as underruns
-    that are not the bridge's. One task ticks every ``tick_s`` (default 5 ms) and sends, per call,
-    every frame and echo that is due, so a frame leaves at most ``tick_s`` late
-    (each call keeps its own 20 ms phase; echoes follow playout as before).
-    Calls register on ``connect`` and leave when they close.
-    """
-
-    def __init__(self, tick_s: float = 0.005) -> None:
-        if not 0.001 <= tick_s <= 0.020:
-            raise ValueError("tick_s must be in [1, 20] ms")
-        self.tick_s = tick_s
-        self.calls: dict[int, SimulatedCall] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    def add(self, call: SimulatedCall) -> None:
-        self.calls[id(call)] = call
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="caller-clock")
-
-    def remove(self, call: SimulatedCall) -> None:
-        self.calls.pop(id(call), None)
-
-    async def _run(self) -> None:
-        next_tick = time.monotonic()
-        while self.calls:
-            now = time.monotonic()
-            for call in list(self.calls.values()):
-                await call.tick(now)
-            next_tick = max(next_tick + self.tick_s, time.monotonic())
-            await asyncio.sleep(next_tick - time.monotonic())
-
-    async def close(self) -> None:
-        self.calls.clear()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-
 class SimulatedCall:
     """One simulated Twilio call against a bridge at ``base_url`` (see module doc).
 
@@ -280,7 +239,7 @@ class SimulatedCall:
         self._say_queue = bytearray()
         #: Every frame sent from ``say`` audio (μ-law, whole frames, last one padded with silence).
         self.said_frames = 0
-        self._send_lock = asyncio.Lock()
+        self._writer: MaskedFrameWriter | None = None
         self.closed = asyncio.Event()
         self.got_media = asyncio.Event()
 
@@ -337,11 +296,15 @@ class SimulatedCall:
             headers["X-Twilio-Signature"] = sign(self.auth_token, url, {})
         local = self.ws_url_override or self._to_local(url)
         self._ws = await self.session.ws_connect(local, headers=headers, autoping=True, max_msg_size=8 * 1024 * 1024)
+        self._writer = MaskedFrameWriter.for_socket(self._ws)
+        if self._writer is None:
+            await self._ws.close()
+            raise RuntimeError("the simulated caller needs aiohttp's uncompressed client transport")
         params = dict(self.stream.parameters)
         params.update(extra_parameters or {})
         self._factory = TwilioMessageFactory(self.record.stream_sid, self.record.call_sid, self.account_sid, params)
-        await self._ws.send_str(self._factory.connected())
-        await self._ws.send_str(self._factory.start())
+        self.write_message(self._factory.connected())
+        self.write_message(self._factory.start())
         self.record.event("stream_started")
         self._tasks = [asyncio.create_task(self._receive(), name="sim-receive")]
         if self.clock is None:
@@ -349,31 +312,50 @@ class SimulatedCall:
         self._audio_t0 = time.monotonic()
         self.clock.add(self)
 
-    async def tick(self, now: float) -> None:
-        """``CallerClock``'s turn: send the inbound frames and mark echoes now due."""
+    @property
+    def next_frame_due(self) -> float:
+        """When the next inbound 20 ms frame is due (monotonic s; anchored at ``connect``)."""
+        return self._audio_t0 + self._frames_sent * 0.020
+
+    def send_due_frames(self, now: float) -> float | None:
+        """``CallerClock``'s turn: send every inbound frame due by ``now``, each its own write;
+        return when the next one is due (None: this call sends no more)."""
         if self.closed.is_set():
             if self.clock is not None:
                 self.clock.remove(self)
+            return None
+        if not self.send_inbound_audio:
+            return None
+        factory = self._factory
+        assert factory is not None
+        while self._audio_t0 + self._frames_sent * 0.020 <= now:
+            frame = self._next_said_frame() or (SPEECH_FRAME if now < self._speaking_until else SILENCE_FRAME)
+            try:
+                self.write_message(factory.media(frame, self._frames_sent * 20))
+            except (ConnectionError, RuntimeError):
+                return None
+            self._frames_sent += 1
+        return self._audio_t0 + self._frames_sent * 0.020
+
+    def echo_due_marks(self, now: float) -> None:
+        """``CallerClock``'s turn: echo the marks whose audio has played by ``now``."""
+        if self.closed.is_set():
             return
-        assert self._factory is not None
-        if self.send_inbound_audio:
-            while self._audio_t0 + self._frames_sent * 0.020 <= now and not self.closed.is_set():
-                frame = self._next_said_frame() or (SPEECH_FRAME if now < self._speaking_until else SILENCE_FRAME)
-                try:
-                    await self.send_raw(self._factory.media(frame, self._frames_sent * 20))
-                except (ConnectionError, RuntimeError):
-                    break
-                self._frames_sent += 1
         for name in self.ear.due_marks(now):
-            await self._echo(name)
+            self._echo(name)
+
+    def write_message(self, text: str | bytes) -> None:
+        """Write one message now as its own frame: TEXT for ``str``, BINARY for ``bytes``."""
+        if self._writer is None:
+            raise RuntimeError("connect() the call first")
+        if isinstance(text, str):
+            self._writer.write(text.encode(), OPCODE_TEXT)
+        else:
+            self._writer.write(text, OPCODE_BINARY)
 
     async def send_raw(self, text: str | bytes) -> None:
-        assert self._ws is not None
-        async with self._send_lock:
-            if isinstance(text, bytes):
-                await self._ws.send_bytes(text)
-            else:
-                await self._ws.send_str(text)
+        """``write_message`` for coroutine callers (kept for the tests' and tools' use)."""
+        self.write_message(text)
 
     def speak(self, duration_s: float) -> None:
         """Caller speech (loud inbound frames) from now for ``duration_s``."""
@@ -451,22 +433,24 @@ class SimulatedCall:
                     ear.media(event.payload, now)
                 elif isinstance(event, OutMark):
                     record.marks_received += 1
-                    self.ear.mark(event.name, now)
+                    due = self.ear.mark(event.name, now)
+                    if self.clock is not None:
+                        self.clock.mark_due(self, due)
                 elif isinstance(event, OutClear):
                     record.clears += 1
                     record.clear_offsets.append(len(record.received_audio))
                     record.event("clear")
                     for name in self.ear.clear(now):
-                        await self._echo(name)
+                        self._echo(name)
         finally:
             record.close_code = ws.close_code
             record.event("stream_closed", code=ws.close_code)
             self.closed.set()
 
-    async def _echo(self, name: str) -> None:
+    def _echo(self, name: str) -> None:
         assert self._factory is not None
         try:
-            await self.send_raw(self._factory.mark(name))
+            self.write_message(self._factory.mark(name))
             self.record.marks_echoed += 1
         except (ConnectionError, RuntimeError):
             pass

@@ -4,7 +4,8 @@ Every benchmark used to drive the bridge through its in-process demo agent;
 a user's agent is another process behind ``AGENT_URL``. This server plays
 that agent on ``ws://HOST:PORT/agent`` (any path), one WebSocket per call:
 
-* ``setup``: greets (``customParameters.greeting``, else ``--greeting``);
+* ``setup``: greets (``customParameters.greeting``, else ``--greeting``), the
+  whole line in one ``text`` message (a prepared greeting is not generated);
 * ``dtmf`` ``9``: the demo agent's long passage; ``0``: "Goodbye." then
   ``end``; any other digit: "You pressed N.";
 * a final ``prompt`` (``last`` true, words in ``voicePrompt``): "You said
@@ -13,13 +14,16 @@ that agent on ``ws://HOST:PORT/agent`` (any path), one WebSocket per call:
 * ``interrupt``: the turn being streamed stops before its next token and is
   closed with an empty ``last`` token, as an LLM agent would stop generating.
 
-Text streams token by token (one word per ``text`` message) at
+Other turns stream token by token (one word per ``text`` message) at
 ``--tokens-per-s`` (an LLM's pace, anchored so the average rate is exact; 0 =
 every token at once, like the built-in agent). A call's turns are spoken one
 after another; at most ``MAX_PENDING_TURNS`` wait, a turn beyond that is
 dropped and counted. ``GET /stats`` answers the counters as JSON, ``GET
-/healthz`` answers 200. Each call owns one speaker task, cancelled when its
-socket closes.
+/healthz`` answers 200. One ``TokenClock`` task (owned by the server,
+cancelled on shutdown) sends every call's due tokens, each its own WebSocket
+message and socket write, at most ``TOKEN_TICK_S`` late; a turn's first token
+goes out at once. (A task and a timer per token cost this process as much as
+the bridge spent on the same messages: it shares the load core.)
 
     python -m bridge.loadtest.agent_server --port 8770 --tokens-per-s 50
 """
@@ -29,6 +33,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import signal
 import sys
@@ -43,6 +49,7 @@ from aiohttp import WSMsgType, web
 from bridge.agent.builtin import LONG_PASSAGE
 from bridge.agent.protocol import MAX_AGENT_MESSAGE_BYTES
 from bridge.logs import configure_logging, log_event
+from bridge.wsframe import frame_text
 
 from .options import GREETING
 from .processes import event_loop_factory
@@ -53,6 +60,8 @@ log = logging.getLogger("bridge.loadtest.agent")
 MAX_PENDING_TURNS: Final = 8
 #: Default pace of the agent's tokens (words) per second: faster than speech, like an LLM.
 DEFAULT_TOKENS_PER_S: Final = 50.0
+#: ``TokenClock`` wakes this often; a token leaves at most this late (s).
+TOKEN_TICK_S: Final = 0.005
 
 
 @dataclass
@@ -73,10 +82,12 @@ class AgentStats:
 
 @dataclass(frozen=True, slots=True)
 class Turn:
-    """One thing to say; ``end`` sends ``end`` after it (the call is over)."""
+    """One thing to say; ``end`` sends ``end`` after it (the call is over); ``whole`` sends the
+    text as one ``text`` message (a prepared line, not generated), else word by word."""
 
     text: str
     end: bool = False
+    whole: bool = False
 
 
 def reply_to(message: dict[str, Any], greeting: str) -> Turn | None:
@@ -84,7 +95,8 @@ def reply_to(message: dict[str, Any], greeting: str) -> Turn | None:
     kind = message.get("type")
     if kind == "setup":
         params = message.get("customParameters") or {}
-        return Turn(str(params.get("greeting") or greeting) if isinstance(params, dict) else greeting)
+        # A greeting is a prepared line: sent at once, as a real agent sends its welcome text.
+        return Turn(str(params.get("greeting") or greeting) if isinstance(params, dict) else greeting, whole=True)
     if kind == "dtmf":
         digit = str(message.get("digit"))
         if digit == "9":
@@ -104,19 +116,77 @@ def tokens(text: str) -> list[str]:
     return [w if i == len(words) - 1 else w + " " for i, w in enumerate(words)]
 
 
-class AgentCall:
-    """One call's socket: parses what the bridge sends, speaks turns one at a time."""
+class TokenClock:
+    """Sends the due tokens of every call from one task: a heap of (due, tie-break, call).
 
-    def __init__(self, ws: web.WebSocketResponse, stats: AgentStats, greeting: str, tokens_per_s: float) -> None:
+    Wakes every ``tick_s`` while a turn is being spoken, sleeps on an event otherwise.
+    The owner (``AgentServer``) closes it on shutdown.
+    """
+
+    def __init__(self, tick_s: float = TOKEN_TICK_S) -> None:
+        self.tick_s = tick_s
+        self._heap: list[tuple[float, int, AgentCall]] = []
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, call: AgentCall, due: float) -> None:
+        heapq.heappush(self._heap, (due, next(self._seq), call))
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="agent-token-clock")
+        self._wake.set()
+
+    async def _run(self) -> None:
+        heap = self._heap
+        next_tick = time.monotonic()
+        while True:
+            if not heap:
+                self._wake.clear()
+                await self._wake.wait()
+                next_tick = time.monotonic()
+            now = time.monotonic()
+            while heap and heap[0][0] <= now:
+                _due, _n, call = heapq.heappop(heap)
+                nxt = call.send_due(now)
+                if nxt is not None:
+                    heapq.heappush(heap, (nxt, next(self._seq), call))
+            next_tick = max(next_tick + self.tick_s, time.monotonic())
+            await asyncio.sleep(next_tick - time.monotonic())
+
+    async def close(self) -> None:
+        self._heap.clear()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+class AgentCall:
+    """One call's socket: parses what the bridge sends, speaks turns one at a time.
+
+    Writes go straight to the socket's transport (whole frames, synchronously, so they never
+    interleave with aiohttp's own control frames); a closed socket drops them.
+    """
+
+    def __init__(self, ws: web.WebSocketResponse, transport: Any, stats: AgentStats, greeting: str,
+                 tokens_per_s: float, clock: TokenClock) -> None:
         self.ws = ws
+        self.transport = transport
         self.stats = stats
         self.greeting = greeting
         self.token_interval_s = 1.0 / tokens_per_s if tokens_per_s > 0 else 0.0
+        self.clock = clock
         self._turns: deque[Turn] = deque()
-        self._wake = asyncio.Event()
+        #: The turn being spoken: its tokens, the next one's index, its start, the interrupt count at its start.
+        self._turn: Turn | None = None
+        self._parts: list[str] = []
+        self._next = 0
+        self._start = 0.0
+        self._interrupts_at_start = 0
         #: Bumped by every ``interrupt``: a turn that sees it change stops.
         self._interrupts = 0
-        self._speaker = asyncio.create_task(self._speak_loop(), name="agent-speaker")
+        self.closed = False
 
     def on_text(self, data: str) -> None:
         self.stats.messages_received += 1
@@ -141,42 +211,51 @@ class AgentCall:
             log_event(log, "agent_turn_dropped", logging.WARNING, pending=len(self._turns))
             return
         self._turns.append(turn)
-        self._wake.set()
+        if self._turn is None:
+            nxt = self.send_due(time.monotonic())  # the first token goes out now
+            if nxt is not None:
+                self.clock.add(self, nxt)
 
-    async def _speak_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._turns:
-                await self._speak(self._turns.popleft())
+    def _send(self, message: dict[str, Any]) -> None:
+        if self.closed or self.ws.closed or self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(frame_text(orjson.dumps(message)))
 
-    async def _send(self, message: dict[str, Any]) -> None:
-        await self.ws.send_str(orjson.dumps(message).decode())
-
-    async def _speak(self, turn: Turn) -> None:
-        self.stats.turns += 1
-        interrupts = self._interrupts
-        parts = tokens(turn.text)
-        start = time.monotonic()
-        for i, token in enumerate(parts):
+    def send_due(self, now: float) -> float | None:
+        """Send every token due by ``now`` (starting queued turns); return when the next is due."""
+        while not self.closed:
+            if self._turn is None:
+                if not self._turns:
+                    return None
+                self._turn = self._turns.popleft()
+                self._parts = [self._turn.text] if self._turn.whole else tokens(self._turn.text)
+                self._next, self._start, self._interrupts_at_start = 0, now, self._interrupts
+                self.stats.turns += 1
+            i = self._next
             if i and self.token_interval_s:
-                delay = start + i * self.token_interval_s - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            if self._interrupts != interrupts:
+                due = self._start + i * self.token_interval_s
+                if due > now:
+                    return due
+            if self._interrupts != self._interrupts_at_start:
                 self.stats.turns_interrupted += 1
-                await self._send({"type": "text", "token": "", "last": True})
-                return
-            await self._send({"type": "text", "token": token, "last": i == len(parts) - 1})
+                self._send({"type": "text", "token": "", "last": True})
+                self._turn = None
+                continue
+            last = i == len(self._parts) - 1
+            self._send({"type": "text", "token": self._parts[i], "last": last})
             self.stats.tokens_sent += 1
-        if turn.end:
-            await self._send({"type": "end"})
-            self.stats.ends_sent += 1
+            self._next = i + 1
+            if last:
+                if self._turn.end:
+                    self._send({"type": "end"})
+                    self.stats.ends_sent += 1
+                self._turn = None
+        return None
 
-    async def close(self) -> None:
-        self._speaker.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await self._speaker
+    def close(self) -> None:
+        self.closed = True
+        self._turns.clear()
+        self._turn = None
 
 
 class AgentServer:
@@ -188,13 +267,19 @@ class AgentServer:
         self.greeting = greeting
         self.tokens_per_s = tokens_per_s
         self.stats = AgentStats()
+        self.clock: TokenClock | None = None
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/stats", self._stats)
         app.router.add_get("/{path:.*}", self._agent)
+        app.on_cleanup.append(self._close_clock)
         return app
+
+    async def _close_clock(self, _app: web.Application) -> None:
+        if self.clock is not None:
+            await self.clock.close()
 
     async def _healthz(self, _request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -203,13 +288,16 @@ class AgentServer:
         return web.json_response(asdict(self.stats))
 
     async def _agent(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(max_msg_size=MAX_AGENT_MESSAGE_BYTES)
+        # compress=False: frames are written pre-built (AgentCall._send).
+        ws = web.WebSocketResponse(max_msg_size=MAX_AGENT_MESSAGE_BYTES, compress=False)
         if not ws.can_prepare(request).ok:
             return web.Response(status=426, text="WebSocket upgrade expected")
         await ws.prepare(request)
         self.stats.connections_total += 1
         self.stats.connections_active += 1
-        call = AgentCall(ws, self.stats, self.greeting, self.tokens_per_s)
+        if self.clock is None:
+            self.clock = TokenClock()
+        call = AgentCall(ws, request.transport, self.stats, self.greeting, self.tokens_per_s, self.clock)
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT:
@@ -217,7 +305,7 @@ class AgentServer:
                 elif msg.type != WSMsgType.BINARY:
                     break
         finally:
-            await call.close()
+            call.close()
             self.stats.connections_active -= 1
         return ws
 

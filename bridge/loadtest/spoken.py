@@ -110,8 +110,8 @@ class SpokenCall(SimulatedCall):
             self.said_first_at = None
         return super().say(mulaw)
 
-    async def send_raw(self, text: str | bytes) -> None:
-        await super().send_raw(text)
+    def write_message(self, text: str | bytes) -> None:
+        super().write_message(text)
         if self.said_frames != self.said_sent:  # a said frame was just written
             self.said_sent = self.said_frames
             self.said_last_at = time.monotonic()

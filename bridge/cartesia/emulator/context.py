@@ -19,6 +19,8 @@ import time
 from collections import deque
 from typing import Final, Protocol
 
+import orjson
+
 from ...logs import log_event
 from ..protocol import (
     Done,
@@ -31,10 +33,11 @@ from ..protocol import (
     WordTimestamps,
 )
 from .faults import context_seed, hits
+from .rendered import Rendered
 from .settings import EmulatorSettings
 from .state import ContextRecord
 from .synth import Synthesizer
-from .voices import Rendered, Voice, normalize_word
+from .voices import Voice, normalize_word
 
 logger = logging.getLogger("bridge.cartesia.emulator")
 
@@ -68,7 +71,7 @@ class ContextHost(Protocol):
     def emit_error(self, err: ErrorMessage) -> None: ...
 
     def emit_chunk(
-        self, ctx: Context, data: bytes, flush_id: int, step_ms: float, lateness: float, *, first: bool
+        self, ctx: Context, data: bytes, b64: str, flush_id: int, step_ms: float, lateness: float, *, first: bool
     ) -> None: ...
 
     def schedule(self, ctx: Context, due: float) -> None: ...
@@ -127,6 +130,8 @@ class Context:
     ) -> None:
         self.host = host
         self.id = req.context_id
+        #: The id as JSON (quoted, escaped), for the pre-encoded chunk messages.
+        self.json_id = orjson.dumps(self.id)
         self.req = req
         self.voice = voice
         self.fmt = req.output_format
@@ -271,13 +276,15 @@ class Context:
                             return self._min_due(job.next_due)
                 job.delay_checked = False
                 budget -= 1
-                end = min(len(audio), job.pos + self.chunk_bytes)
-                data = audio[job.pos : end]
+                start = job.pos
+                end = min(len(audio), start + self.chunk_bytes)
+                data = audio[start:end]
                 lateness = max(0.0, now - job.next_due)
                 first = job.pos == 0
                 step_ms = (now - job.t_start) * 1000.0 if first else 0.0
                 job.pos = end
-                host.emit_chunk(self, data, job.flush_id, step_ms, lateness, first=first)
+                host.emit_chunk(self, data, rendered.b64_slice(start, end), job.flush_id, step_ms,
+                                lateness, first=first)
                 self.last_audio_at = now
                 self._emit_timestamps(job, end // self.fmt.bytes_per_sample)
                 interval = (len(data) / self.fmt.bytes_per_second) * settings.rtf

@@ -35,8 +35,9 @@ from ..protocol import (
 from .connection import Services
 from .httpapi import Authenticator, http_error
 from .models import check_model
+from .rendered import Rendered
 from .versions import check_request
-from .voices import Rendered, Voice
+from .voices import Voice
 
 WAV_FORMAT_TAGS: Final = {"pcm_s16le": 1, "pcm_f32le": 3, "pcm_alaw": 6, "pcm_mulaw": 7}
 CONTENT_TYPES: Final = {"wav": "audio/wav", "raw": "application/octet-stream"}

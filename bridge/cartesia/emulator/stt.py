@@ -74,8 +74,9 @@ from ..stt_protocol import (
 )
 from .faults import FAULT_HELP, FaultSettings, context_seed, hits, parse_faults
 from .recognizer import DEFAULT_MIN_RMS, RecognizedWord, StreamingRecognizer, Vocabulary
+from .rendered import Rendered
 from .settings import EmulatorSettings, SttSettings
-from .voices import Rendered, ToneSynth, Voice
+from .voices import ToneSynth, Voice
 
 logger = logging.getLogger("bridge.cartesia.emulator.stt")
 

@@ -14,7 +14,8 @@ import zlib
 from typing import Final
 
 from ..protocol import GenerationRequest, OutputFormat, RequestError
-from .voices import EspeakSynth, Rendered, ToneSynth, Voice, catalogue
+from .rendered import Rendered
+from .voices import EspeakSynth, ToneSynth, Voice, catalogue
 
 #: The legacy top-level ``speed`` words as factors on ``generation_config.speed``.
 LEGACY_SPEED_FACTORS: Final[dict[str, float]] = {"slow": 0.8, "normal": 1.0, "fast": 1.25}

@@ -36,7 +36,7 @@ import warnings
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 try:  # Python 3.11/3.12 ship audioop; 3.13+ gets it from audioop-lts.
@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover
     audioop = None  # type: ignore[assignment]
 
 from ..protocol import OutputFormat
+from .rendered import RenderCache, Rendered
 
 _LITTLE: Final = sys.byteorder == "little"
 
@@ -117,17 +118,7 @@ def catalogue(backend: str) -> dict[str, Voice]:
 
 
 # --------------------------------------------------------------------------
-# Rendered audio
-
-
-@dataclass(slots=True)
-class Rendered:
-    """A job's audio in the output format plus timings as sample offsets."""
-
-    audio: bytes
-    samples: int
-    words: list[tuple[str, int, int]] = field(default_factory=list)
-    phonemes: list[tuple[str, int, int]] = field(default_factory=list)
+# Encoding
 
 
 def encode_s16(pcm: bytes, encoding: str) -> bytes:
@@ -235,9 +226,9 @@ class ToneSynth:
         self.words_per_s = words_per_s
         self._cache: OrderedDict[tuple[int, int, int, str, int], bytes] = OrderedDict()
         self._cache_size = cache_size
+        self._renders = RenderCache()  # whole renders (words hit ``_cache`` only on a render's miss)
         self._silence: dict[tuple[int, str, int], bytes] = {}
-        self.cache_hits = 0
-        self.cache_misses = 0
+        self.cache_hits = self.cache_misses = 0
 
     def _word_audio(self, freq: int, n: int, rate: int, encoding: str, volume_pct: int) -> bytes:
         key = (freq, n, rate, encoding, volume_pct)
@@ -275,8 +266,17 @@ class ToneSynth:
         speed_pct = max(1, round(speed * 100))
         volume_pct = max(1, round(volume * 100))
         pitch = int(voice.param)
+        key = (text, rate, fmt.encoding, pitch, speed_pct, volume_pct, phonemes, self.words_per_s)
+        rendered = self._renders.get(key)
+        if rendered is None:
+            rendered = self._render(text, rate, fmt.encoding, pitch, speed_pct, volume_pct, phonemes)
+            self._renders.put(key, rendered)
+        return rendered
+
+    def _render(self, text: str, rate: int, encoding: str, pitch: int, speed_pct: int, volume_pct: int,
+                phonemes: bool) -> Rendered:  # render() without the cache
         gap_n = _GAP_MS * rate // 1000
-        gap = self._gap(gap_n, fmt.encoding, rate)
+        gap = self._gap(gap_n, encoding, rate)
         parts: list[bytes] = []
         words: list[tuple[str, int, int]] = []
         phons: list[tuple[str, int, int]] = []
@@ -290,9 +290,9 @@ class ToneSynth:
             else:
                 span = (k + 1) * rate * 1000 // milli_wps - k * rate * 1000 // milli_wps
                 gap_n = min(_GAP_MS * rate // 1000, span - _MIN_BURST_MS * rate // 1000)
-                gap = self._gap(gap_n, fmt.encoding, rate)
+                gap = self._gap(gap_n, encoding, rate)
                 n = span - gap_n
-            parts.append(self._word_audio(tone_word_frequency(word, pitch), n, rate, fmt.encoding, volume_pct))
+            parts.append(self._word_audio(tone_word_frequency(word, pitch), n, rate, encoding, volume_pct))
             parts.append(gap)
             words.append((word, pos, pos + n))
             if phonemes:
