@@ -26,6 +26,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 from aiohttp import WSMsgType
@@ -76,10 +77,13 @@ class StreamOwner(Protocol):
 class TwilioStream:
     """The call's Twilio Media Streams socket (see the module docstring for limits)."""
 
-    def __init__(self, ws: InlineWebSocketResponse, metrics: BridgeMetrics, owner: StreamOwner) -> None:
+    def __init__(self, ws: InlineWebSocketResponse, metrics: BridgeMetrics, owner: StreamOwner, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.ws = ws
         self.metrics = metrics
         self._owner = owner
+        #: Monotonic seconds; replaceable so a benchmark can replay a call on a synthetic clock.
+        self.clock = clock
         #: Names for log lines, set by the owner once the stream's ``start`` is known.
         self.call_sid: str | None = None
         self.stream_sid: str | None = None
@@ -137,7 +141,7 @@ class TwilioStream:
         kind = type(event)
         if kind is not Media and kind is not MarkEcho:
             return False
-        return self._owner.on_fast_event(event, time.monotonic())  # type: ignore[arg-type]
+        return self._owner.on_fast_event(event, self.clock())  # type: ignore[arg-type]
 
     async def _on_text(self, data: str) -> None:
         try:
@@ -145,7 +149,7 @@ class TwilioStream:
         except MediaError as exc:
             self._owner.on_bad_input(exc.kind, exc.detail)
             return
-        await self._owner.on_event(event, time.monotonic())
+        await self._owner.on_event(event, self.clock())
 
     # ------------------------------------------------------------- outbound
 
@@ -189,7 +193,7 @@ class TwilioStream:
         self._queued = end
         timed = self._timed
         if timed:
-            sent_at = time.monotonic()
+            sent_at = self.clock()
             observe = self.metrics.forwarding_delay.observe
             while timed and timed[0][0] < end:
                 observe(sent_at - timed.popleft()[1])
