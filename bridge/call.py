@@ -215,19 +215,22 @@ class EnergyVad:
         self._onset: float | None = None
         self._fired = False
 
+    @property
+    def in_run(self) -> bool:
+        """A run of loud frames has started (``reset`` has something to undo)."""
+        return self._onset is not None
+
     def update(self, mulaw: bytes, now: float) -> float | None:
-        duration_ms = len(mulaw) // 8
-        rms = audioop.rms(audioop.ulaw2lin(mulaw, 2), 2)
-        if rms >= self.threshold:
+        if audioop.rms(audioop.ulaw2lin(mulaw, 2), 2) >= self.threshold:
             if self._onset is None:
                 self._onset = now
-            self._speech_ms += duration_ms
+            self._speech_ms += len(mulaw) // 8
             self._silence_ms = 0
             if not self._fired and self._speech_ms >= self.min_speech_ms:
                 self._fired = True
                 return self._onset
         elif self._onset is not None:
-            self._silence_ms += duration_ms
+            self._silence_ms += len(mulaw) // 8
             if self._silence_ms >= self.hangover_ms:
                 self.reset()
         return None
@@ -454,12 +457,12 @@ class CallCore:
         # With STT up, barge-in waits for recognised words (echo and noise are not speech);
         # the energy VAD is the fallback while STT is off or down.
         if vad is not None and payload and not (turns is not None and self.stt_connected):
-            if self.is_speaking:
+            if not self.playout.is_idle:  # is_speaking, without a second property call per frame
                 onset = vad.update(payload, now)
                 if onset is not None:
                     out.extend(self.interrupt("vad", now, onset=onset))
-            else:
-                vad.reset()
+            elif vad.in_run:
+                vad.reset()  # nothing playing: no barge-in to detect, and no RMS to compute
         return out
 
     # ------------------------------------------------------------ STT in

@@ -34,7 +34,7 @@ from aiohttp import WSMsgType
 from bridge.logs import log_event
 from metrics import BridgeMetrics
 from telephony.inline_ws import InlineWebSocketResponse
-from telephony.media import InboundEvent, MarkEcho, Media, MediaError, parse_inbound
+from telephony.media import InboundEvent, InboundFastPath, MarkEcho, Media, MediaError, parse_inbound
 
 log = logging.getLogger("telephony.stream")
 
@@ -61,6 +61,15 @@ class StreamOwner(Protocol):
         task wake-up). ``False``: not now, the read loop delivers it instead."""
         ...
 
+    def on_fast_media(self, payload: bytes, timestamp_ms: int, now: float) -> bool:
+        """``on_fast_event`` for a media frame of this stream that took the
+        fast recognizer (``bind``): its audio and timestamp, no ``Media`` object."""
+        ...
+
+    def on_fast_mark(self, name: str, now: float) -> bool:
+        """``on_fast_event`` for a mark echo of this stream that took the fast recognizer."""
+        ...
+
     async def on_event(self, event: InboundEvent, now: float) -> None:
         """Any event, from the read loop (never while another is handled)."""
         ...
@@ -84,9 +93,10 @@ class TwilioStream:
         self._owner = owner
         #: Monotonic seconds; replaceable so a benchmark can replay a call on a synthetic clock.
         self.clock = clock
-        #: Names for log lines, set by the owner once the stream's ``start`` is known.
+        #: Names for log lines, set by the owner (``bind``) once the stream's ``start`` is known.
         self.call_sid: str | None = None
         self.stream_sid: str | None = None
+        self._fast: InboundFastPath | None = None  # this stream's media/mark recognizer, from ``bind``
         self._outbox: deque[str] = deque()
         self._queued = 0  # messages taken off the outbox so far (its head's sequence number)
         self._timed: deque[tuple[int, float]] = deque()  # (sequence number, sendable since)
@@ -96,6 +106,13 @@ class TwilioStream:
         # Per-message counts, added to the shared counters by ``flush_metrics``.
         self._n_media_out = 0
         self._n_marks_out = 0
+
+    def bind(self, call_sid: str | None, stream_sid: str | None) -> None:
+        """The stream has started: names for log lines, and from now on this
+        stream's media frames and mark echoes in Twilio's layout skip the JSON
+        parser (``InboundFastPath``; the owner gets ``on_fast_media`` / ``on_fast_mark``)."""
+        self.call_sid, self.stream_sid = call_sid, stream_sid
+        self._fast = InboundFastPath(stream_sid) if stream_sid else None
 
     def _log(self, event: str, level: int, **fields: Any) -> None:
         log_event(log, event, level, call_sid=self.call_sid, stream_sid=self.stream_sid, **fields)
@@ -134,6 +151,14 @@ class TwilioStream:
         while the read loop is busy returns ``False`` and takes the read loop."""
         if self._busy:
             return False
+        fast = self._fast
+        if fast is not None:
+            found = fast.media(data)
+            if found is not None:
+                return self._owner.on_fast_media(found[0], found[1], self.clock())
+            name = fast.mark(data)
+            if name is not None:
+                return self._owner.on_fast_mark(name, self.clock())
         try:
             event = parse_inbound(data)
         except MediaError:
@@ -169,9 +194,10 @@ class TwilioStream:
         self._outbox.append(text)
         return True
 
-    def flush(self) -> None:
+    def flush(self, now: float | None = None) -> None:
         """Write everything queued in one transport write, unless the
-        transport is full: then a drain task writes it once there is room."""
+        transport is full: then a drain task writes it once there is room.
+        ``now``: the caller's clock reading, if it has one (saves a second read)."""
         if not self._outbox or self._drain_task is not None:
             return
         if self.ws.write_buffer_size > TWILIO_WRITE_HIGH_WATER:
@@ -193,7 +219,7 @@ class TwilioStream:
         self._queued = end
         timed = self._timed
         if timed:
-            sent_at = self.clock()
+            sent_at = self.clock() if now is None else now
             observe = self.metrics.forwarding_delay.observe
             while timed and timed[0][0] < end:
                 observe(sent_at - timed.popleft()[1])
