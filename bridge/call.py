@@ -43,6 +43,7 @@ from bridge.cartesia.protocol import (
 from bridge.cartesia.stt_protocol import SttError, SttFlushDone, SttServerMessage, SttTranscript, SttTurnEvent
 from bridge.defaults import PLAYOUT_LEAD_MS
 from bridge.hearing import FinalizeDue, HearingEvent, PartialText, SpeechStarted, TurnComplete, TurnTracker
+from bridge.histogram_batch import HistogramBatch
 from bridge.logs import log_event
 from bridge.playout import Playout, PlayoutGap
 from metrics import BridgeMetrics
@@ -301,6 +302,7 @@ class CallCore:
         self.gaps: dict[str, int] = {}  # cause -> count, this call
         self.gap_ms: dict[str, float] = {}
         self._gap_counters: dict[str, tuple[Any, Any]] = {}  # cause -> (gaps, gap seconds) metric children
+        self._mark_round_trip = HistogramBatch(metrics.mark_round_trip)  # added up in ``flush_metrics``
         # Speech in (ConversationRelay): settings may change mid-call with ``config``.
         self.relay = settings.relay
         self.stt_connected = False  # the I/O layer says when the STT socket is up
@@ -329,8 +331,8 @@ class CallCore:
         self.language = relay.cartesia_tts_language if relay.tts_language else self.settings.language
 
     def flush_metrics(self) -> None:
-        """Add frames/bytes sent since the last flush to the counters (the I/O
-        layer calls this before every /metrics render and at call end)."""
+        """Add frames/bytes sent and mark round trips since the last flush to the
+        metrics (the I/O layer calls this before every /metrics render and at call end)."""
         frames = self.frames_sent - self._frames_flushed
         if frames:
             self.metrics.frames_out.inc(frames)
@@ -339,6 +341,7 @@ class CallCore:
         if nbytes:
             self.metrics.bytes_out.inc(nbytes)
             self._bytes_flushed = self.bytes_sent
+        self._mark_round_trip.flush()
 
     def _log(self, event: str, level: int = logging.INFO, **fields: Any) -> None:
         log_event(log, event, level, call_sid=self.call_sid, stream_sid=self.stream_sid, **fields)
@@ -546,7 +549,7 @@ class CallCore:
         out: list[Action] = []
         if result.status == "played":
             if result.round_trip_s is not None:
-                self.metrics.mark_round_trip.observe(result.round_trip_s)
+                self._mark_round_trip.observe(result.round_trip_s)
             for utterance_id, duration_ms in result.completed_utterances:
                 utt = self.utterances.pop(utterance_id, None)
                 if utt is not None:

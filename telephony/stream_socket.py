@@ -31,6 +31,7 @@ from typing import Any, Final, Protocol
 
 from aiohttp import WSMsgType
 
+from bridge.histogram_batch import HistogramBatch
 from bridge.logs import log_event
 from metrics import BridgeMetrics
 from telephony.inline_ws import InlineWebSocketResponse
@@ -103,9 +104,10 @@ class TwilioStream:
         self._drain_task: asyncio.Task[None] | None = None  # exists only while the transport is full
         self._close_task: asyncio.Task[Any] | None = None
         self._busy = False  # the read loop is handling a message: the inline path must queue behind it
-        # Per-message counts, added to the shared counters by ``flush_metrics``.
+        # Per-message counts and delays, added to the shared metrics by ``flush_metrics``.
         self._n_media_out = 0
         self._n_marks_out = 0
+        self._forwarding_delay = HistogramBatch(metrics.forwarding_delay)
 
     def bind(self, call_sid: str | None, stream_sid: str | None) -> None:
         """The stream has started: names for log lines, and from now on this
@@ -220,7 +222,7 @@ class TwilioStream:
         timed = self._timed
         if timed:
             sent_at = self.clock() if now is None else now
-            observe = self.metrics.forwarding_delay.observe
+            observe = self._forwarding_delay.observe
             while timed and timed[0][0] < end:
                 observe(sent_at - timed.popleft()[1])
         for text in texts:
@@ -250,7 +252,8 @@ class TwilioStream:
         return len(self._outbox)
 
     def flush_metrics(self) -> None:
-        """Add the batched outbound message counts to the shared counters."""
+        """Add the batched outbound message counts and forwarding delays to the shared metrics."""
+        self._forwarding_delay.flush()
         if self._n_media_out:
             self.metrics.twilio_messages_out.labels(event="media").inc(self._n_media_out)
             self._n_media_out = 0
