@@ -4,7 +4,11 @@
 and mark echoes inside the socket's data callback, everything else through
 the read loop, in arrival order either way), decodes each message with
 ``telephony.media`` and hands the event to its owner (``StreamOwner``, the
-call session). Outbound, the owner queues ``send(text, since)`` and calls
+call session). Once the stream is bound (``bind``, at ``start``), media
+frames and mark echoes in Twilio's own layout are recognized without the
+JSON parser (``InboundFastPath``, same validation) and reach the owner as
+``on_fast_media(payload, timestamp_ms, now)`` / ``on_fast_mark(name, now)``;
+everything else takes ``parse_inbound``. Outbound, the owner queues ``send(text, since)`` and calls
 ``flush()`` once per event, so all the messages one event makes go out in one
 transport write.
 
