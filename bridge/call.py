@@ -43,6 +43,7 @@ from bridge.cartesia.protocol import (
 from bridge.cartesia.stt_protocol import SttError, SttFlushDone, SttServerMessage, SttTranscript, SttTurnEvent
 from bridge.defaults import PLAYOUT_LEAD_MS
 from bridge.hearing import FinalizeDue, HearingEvent, PartialText, SpeechStarted, TurnComplete, TurnTracker
+from bridge.histogram_batch import HistogramBatch
 from bridge.logs import log_event
 from bridge.playout import Playout, PlayoutGap
 from metrics import BridgeMetrics
@@ -215,19 +216,22 @@ class EnergyVad:
         self._onset: float | None = None
         self._fired = False
 
+    @property
+    def in_run(self) -> bool:
+        """A run of loud frames has started (``reset`` has something to undo)."""
+        return self._onset is not None
+
     def update(self, mulaw: bytes, now: float) -> float | None:
-        duration_ms = len(mulaw) // 8
-        rms = audioop.rms(audioop.ulaw2lin(mulaw, 2), 2)
-        if rms >= self.threshold:
+        if audioop.rms(audioop.ulaw2lin(mulaw, 2), 2) >= self.threshold:
             if self._onset is None:
                 self._onset = now
-            self._speech_ms += duration_ms
+            self._speech_ms += len(mulaw) // 8
             self._silence_ms = 0
             if not self._fired and self._speech_ms >= self.min_speech_ms:
                 self._fired = True
                 return self._onset
         elif self._onset is not None:
-            self._silence_ms += duration_ms
+            self._silence_ms += len(mulaw) // 8
             if self._silence_ms >= self.hangover_ms:
                 self.reset()
         return None
@@ -298,6 +302,7 @@ class CallCore:
         self.gaps: dict[str, int] = {}  # cause -> count, this call
         self.gap_ms: dict[str, float] = {}
         self._gap_counters: dict[str, tuple[Any, Any]] = {}  # cause -> (gaps, gap seconds) metric children
+        self._mark_round_trip = HistogramBatch(metrics.mark_round_trip)  # added up in ``flush_metrics``
         # Speech in (ConversationRelay): settings may change mid-call with ``config``.
         self.relay = settings.relay
         self.stt_connected = False  # the I/O layer says when the STT socket is up
@@ -326,8 +331,8 @@ class CallCore:
         self.language = relay.cartesia_tts_language if relay.tts_language else self.settings.language
 
     def flush_metrics(self) -> None:
-        """Add frames/bytes sent since the last flush to the counters (the I/O
-        layer calls this before every /metrics render and at call end)."""
+        """Add frames/bytes sent and mark round trips since the last flush to the
+        metrics (the I/O layer calls this before every /metrics render and at call end)."""
         frames = self.frames_sent - self._frames_flushed
         if frames:
             self.metrics.frames_out.inc(frames)
@@ -336,6 +341,7 @@ class CallCore:
         if nbytes:
             self.metrics.bytes_out.inc(nbytes)
             self._bytes_flushed = self.bytes_sent
+        self._mark_round_trip.flush()
 
     def _log(self, event: str, level: int = logging.INFO, **fields: Any) -> None:
         log_event(log, event, level, call_sid=self.call_sid, stream_sid=self.stream_sid, **fields)
@@ -454,12 +460,12 @@ class CallCore:
         # With STT up, barge-in waits for recognised words (echo and noise are not speech);
         # the energy VAD is the fallback while STT is off or down.
         if vad is not None and payload and not (turns is not None and self.stt_connected):
-            if self.is_speaking:
+            if not self.playout.is_idle:  # is_speaking, without a second property call per frame
                 onset = vad.update(payload, now)
                 if onset is not None:
                     out.extend(self.interrupt("vad", now, onset=onset))
-            else:
-                vad.reset()
+            elif vad.in_run:
+                vad.reset()  # nothing playing: no barge-in to detect, and no RMS to compute
         return out
 
     # ------------------------------------------------------------ STT in
@@ -543,7 +549,7 @@ class CallCore:
         out: list[Action] = []
         if result.status == "played":
             if result.round_trip_s is not None:
-                self.metrics.mark_round_trip.observe(result.round_trip_s)
+                self._mark_round_trip.observe(result.round_trip_s)
             for utterance_id, duration_ms in result.completed_utterances:
                 utt = self.utterances.pop(utterance_id, None)
                 if utt is not None:

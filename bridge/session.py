@@ -208,27 +208,50 @@ class CallSession:
         self.closed = True
         self.twilio.close_soon()
 
+    def on_fast_media(self, payload: bytes, timestamp_ms: int, now: float) -> bool:
+        # The stream is bound (started) and the recognizer checked the stream SID.
+        if self.closed:
+            return False
+        try:
+            self._media_in(payload, timestamp_ms, now)
+        except Exception as exc:  # noqa: BLE001 - a bug must end this call, not the socket's data callback
+            self._internal_error(exc)
+        return True
+
+    def on_fast_mark(self, name: str, now: float) -> bool:
+        if self.closed:
+            return False
+        try:
+            self._execute(self.core.on_mark(name, now), now)
+        except Exception as exc:  # noqa: BLE001 - a bug must end this call, not the socket's data callback
+            self._internal_error(exc)
+        return True
+
     def _on_media(self, event: Media, now: float) -> None:
         if event.stream_sid != self.core.stream_sid:
             self.on_bad_input("wrong_stream_sid", f"media for {event.stream_sid}")
             return
+        self._media_in(event.payload, event.timestamp_ms, now)
+
+    def _media_in(self, payload: bytes, timestamp_ms: int, now: float) -> None:
+        """One inbound frame of this stream: counted (batched), to STT if listening, to the core."""
         self._n_frames_in += 1
-        self._n_bytes_in += len(event.payload)
+        self._n_bytes_in += len(payload)
         stt = self.stt
         if stt is not None:
             turns = self.core.turns
             if turns is not None and turns.idle:
                 stt.forget_replay()  # no turn in progress: a loss now loses nothing
-            stt.send_audio(event.payload)
-        actions = self.core.on_media(event.payload, event.timestamp_ms, now)
+            stt.send_audio(payload)
+        actions = self.core.on_media(payload, timestamp_ms, now)
         if actions:
-            self._execute(actions)
+            self._execute(actions, now)
 
     def _on_mark_echo(self, event: MarkEcho, now: float) -> None:
         if event.stream_sid != self.core.stream_sid:
             self.on_bad_input("wrong_stream_sid", f"mark for {event.stream_sid}")
             return
-        self._execute(self.core.on_mark(event.name, now))
+        self._execute(self.core.on_mark(event.name, now), now)
 
     async def on_event(self, event: InboundEvent, now: float) -> None:
         try:
@@ -291,7 +314,7 @@ class CallSession:
             mode == "true" or (mode == "auto" and external))
         self.core.configure_relay(relay, stt=listen and self.services.stt is not None)
         actions = self.core.on_start(start, now)
-        self.twilio.call_sid, self.twilio.stream_sid = self.core.call_sid, self.core.stream_sid
+        self.twilio.bind(self.core.call_sid, self.core.stream_sid)
         self._log("call_started", from_=self.core.call_info.get("from"), params=list(start.custom_parameters))
         try:
             self.agent = await self.services.agents.connect(agent_url, self._deliver_from_agent, self._agent_closed)
@@ -414,9 +437,9 @@ class CallSession:
 
     # --------------------------------------------------------------- actions
 
-    def _execute(self, actions: list[Action]) -> None:
+    def _execute(self, actions: list[Action], now: float | None = None) -> None:
         """Carry out the core's actions in order; all Twilio messages of this
-        batch go out in one write at the end."""
+        batch go out in one write at the end. ``now``: the event's clock reading, if known."""
         twilio = self.twilio
         for action in actions:
             if isinstance(action, ToTwilio):
@@ -445,7 +468,7 @@ class CallSession:
             elif isinstance(action, PlayDigits):
                 self._execute(self.core.play_audio(dtmf_mulaw(action.digits), time.monotonic(),
                                                    interruptible="none", label="digits"))
-        twilio.flush()
+        twilio.flush(now)
 
     # ------------------------------------------------------------------- end
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass, field
 from typing import Any, Final, Union
 
@@ -199,6 +200,71 @@ def parse_inbound(data: str | bytes) -> InboundEvent:
     if event == "connected":
         return Connected(str(obj.get("protocol") or ""), str(obj.get("version") or ""))
     raise MediaError("unknown_event", f"event {event!r} is not a Media Streams event")
+
+
+class InboundFastPath:
+    """Recognizes one stream's two commonest Twilio messages without a JSON parser.
+
+    Per call second Twilio sends 50 ``media`` frames and about ten ``mark``
+    echoes, always in Twilio's own layout (``twilio-media-streams.md`` §2)::
+
+        {"event":"media","sequenceNumber":"<digits>","media":{"track":"inbound","chunk":"<digits>",
+         "timestamp":"<digits>","payload":"<base64>"},"streamSid":"<this stream>"}
+        {"event":"mark","sequenceNumber":"<digits>","streamSid":"<this stream>","mark":{"name":"<name>"}}
+
+    ``media`` and ``mark`` accept a text only when it is *exactly* that layout
+    for this stream (numbers of 1 to ``FAST_MAX_DIGITS`` ASCII digits, strict
+    base64, a mark name of ASCII letters and digits) and return what
+    ``parse_inbound`` would (payload and timestamp; mark name). Anything else
+    returns ``None`` and must go to ``parse_inbound``. A text accepted here is
+    valid for ``parse_inbound`` with the same result, so the validation is the
+    same whichever path a message takes (``tests/test_inbound_fast_path.py``).
+    Cost (callgrind, CPython 3.11): about 60 % of ``parse_inbound``'s
+    instructions for a 20 ms frame (half of what is left is the base64
+    decode), about half for a mark echo.
+    """
+
+    __slots__ = ("stream_sid", "_media_tail", "_media_body_end", "_mark")
+
+    def __init__(self, stream_sid: str) -> None:
+        self.stream_sid = stream_sid
+        sid = orjson.dumps(stream_sid).decode()
+        self._media_tail = '"},"streamSid":' + sid + "}"
+        self._media_body_end = -len(self._media_tail)
+        # One pattern per stream (compiled once per call): its SID is part of the layout.
+        self._mark = re.compile(_MARK_HEAD + re.escape(',"streamSid":' + sid + ',"mark":{"name":"')
+                                + r'([A-Za-z0-9]+)"\}\}')
+
+    def media(self, data: str) -> tuple[bytes, int] | None:
+        """``(payload, timestamp_ms)`` of a ``media`` frame in Twilio's layout, else ``None``."""
+        head = _MEDIA_HEAD.match(data)
+        if head is None or not data.endswith(self._media_tail) or len(data) > MAX_INBOUND_MESSAGE_BYTES:
+            return None
+        start = head.end()
+        if start > len(data) + self._media_body_end:  # the payload's quote is the tail's: not JSON
+            return None
+        try:
+            # strict: only the base64 alphabet with correct padding, so no quote or
+            # backslash can hide in the payload and the layout above is the whole text.
+            audio = _a2b_base64(data[start:self._media_body_end], strict_mode=True)
+        except (binascii.Error, ValueError):
+            return None
+        return audio, int(head.group(1))
+
+    def mark(self, data: str) -> str | None:
+        """The name of a ``mark`` echo in Twilio's layout, else ``None``."""
+        found = self._mark.fullmatch(data)
+        return None if found is None else found.group(1)
+
+
+#: Longest number the fast path takes (longer ones go to ``parse_inbound``).
+FAST_MAX_DIGITS: Final = 18
+_NUMBER: Final = f"[0-9]{{1,{FAST_MAX_DIGITS}}}"
+_MEDIA_HEAD: Final = re.compile(
+    re.escape('{"event":"media","sequenceNumber":"') + _NUMBER
+    + re.escape('","media":{"track":"inbound","chunk":"') + _NUMBER
+    + re.escape('","timestamp":"') + "(" + _NUMBER + ")" + re.escape('","payload":"'))
+_MARK_HEAD: Final = re.escape('{"event":"mark","sequenceNumber":"') + _NUMBER + '"'
 
 
 class OutboundEncoder:

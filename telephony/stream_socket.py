@@ -4,7 +4,11 @@
 and mark echoes inside the socket's data callback, everything else through
 the read loop, in arrival order either way), decodes each message with
 ``telephony.media`` and hands the event to its owner (``StreamOwner``, the
-call session). Outbound, the owner queues ``send(text, since)`` and calls
+call session). Once the stream is bound (``bind``, at ``start``), media
+frames and mark echoes in Twilio's own layout are recognized without the
+JSON parser (``InboundFastPath``, same validation) and reach the owner as
+``on_fast_media(payload, timestamp_ms, now)`` / ``on_fast_mark(name, now)``;
+everything else takes ``parse_inbound``. Outbound, the owner queues ``send(text, since)`` and calls
 ``flush()`` once per event, so all the messages one event makes go out in one
 transport write.
 
@@ -26,14 +30,16 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 from aiohttp import WSMsgType
 
+from bridge.histogram_batch import HistogramBatch
 from bridge.logs import log_event
 from metrics import BridgeMetrics
 from telephony.inline_ws import InlineWebSocketResponse
-from telephony.media import InboundEvent, MarkEcho, Media, MediaError, parse_inbound
+from telephony.media import InboundEvent, InboundFastPath, MarkEcho, Media, MediaError, parse_inbound
 
 log = logging.getLogger("telephony.stream")
 
@@ -60,6 +66,15 @@ class StreamOwner(Protocol):
         task wake-up). ``False``: not now, the read loop delivers it instead."""
         ...
 
+    def on_fast_media(self, payload: bytes, timestamp_ms: int, now: float) -> bool:
+        """``on_fast_event`` for a media frame of this stream that took the
+        fast recognizer (``bind``): its audio and timestamp, no ``Media`` object."""
+        ...
+
+    def on_fast_mark(self, name: str, now: float) -> bool:
+        """``on_fast_event`` for a mark echo of this stream that took the fast recognizer."""
+        ...
+
     async def on_event(self, event: InboundEvent, now: float) -> None:
         """Any event, from the read loop (never while another is handled)."""
         ...
@@ -76,22 +91,34 @@ class StreamOwner(Protocol):
 class TwilioStream:
     """The call's Twilio Media Streams socket (see the module docstring for limits)."""
 
-    def __init__(self, ws: InlineWebSocketResponse, metrics: BridgeMetrics, owner: StreamOwner) -> None:
+    def __init__(self, ws: InlineWebSocketResponse, metrics: BridgeMetrics, owner: StreamOwner, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.ws = ws
         self.metrics = metrics
         self._owner = owner
-        #: Names for log lines, set by the owner once the stream's ``start`` is known.
+        #: Monotonic seconds; replaceable so a benchmark can replay a call on a synthetic clock.
+        self.clock = clock
+        #: Names for log lines, set by the owner (``bind``) once the stream's ``start`` is known.
         self.call_sid: str | None = None
         self.stream_sid: str | None = None
+        self._fast: InboundFastPath | None = None  # this stream's media/mark recognizer, from ``bind``
         self._outbox: deque[str] = deque()
         self._queued = 0  # messages taken off the outbox so far (its head's sequence number)
         self._timed: deque[tuple[int, float]] = deque()  # (sequence number, sendable since)
         self._drain_task: asyncio.Task[None] | None = None  # exists only while the transport is full
         self._close_task: asyncio.Task[Any] | None = None
         self._busy = False  # the read loop is handling a message: the inline path must queue behind it
-        # Per-message counts, added to the shared counters by ``flush_metrics``.
+        # Per-message counts and delays, added to the shared metrics by ``flush_metrics``.
         self._n_media_out = 0
         self._n_marks_out = 0
+        self._forwarding_delay = HistogramBatch(metrics.forwarding_delay)
+
+    def bind(self, call_sid: str | None, stream_sid: str | None) -> None:
+        """The stream has started: names for log lines, and from now on this
+        stream's media frames and mark echoes in Twilio's layout skip the JSON
+        parser (``InboundFastPath``; the owner gets ``on_fast_media`` / ``on_fast_mark``)."""
+        self.call_sid, self.stream_sid = call_sid, stream_sid
+        self._fast = InboundFastPath(stream_sid) if stream_sid else None
 
     def _log(self, event: str, level: int, **fields: Any) -> None:
         log_event(log, event, level, call_sid=self.call_sid, stream_sid=self.stream_sid, **fields)
@@ -130,6 +157,14 @@ class TwilioStream:
         while the read loop is busy returns ``False`` and takes the read loop."""
         if self._busy:
             return False
+        fast = self._fast
+        if fast is not None:
+            found = fast.media(data)
+            if found is not None:
+                return self._owner.on_fast_media(found[0], found[1], self.clock())
+            name = fast.mark(data)
+            if name is not None:
+                return self._owner.on_fast_mark(name, self.clock())
         try:
             event = parse_inbound(data)
         except MediaError:
@@ -137,7 +172,7 @@ class TwilioStream:
         kind = type(event)
         if kind is not Media and kind is not MarkEcho:
             return False
-        return self._owner.on_fast_event(event, time.monotonic())  # type: ignore[arg-type]
+        return self._owner.on_fast_event(event, self.clock())  # type: ignore[arg-type]
 
     async def _on_text(self, data: str) -> None:
         try:
@@ -145,7 +180,7 @@ class TwilioStream:
         except MediaError as exc:
             self._owner.on_bad_input(exc.kind, exc.detail)
             return
-        await self._owner.on_event(event, time.monotonic())
+        await self._owner.on_event(event, self.clock())
 
     # ------------------------------------------------------------- outbound
 
@@ -165,9 +200,10 @@ class TwilioStream:
         self._outbox.append(text)
         return True
 
-    def flush(self) -> None:
+    def flush(self, now: float | None = None) -> None:
         """Write everything queued in one transport write, unless the
-        transport is full: then a drain task writes it once there is room."""
+        transport is full: then a drain task writes it once there is room.
+        ``now``: the caller's clock reading, if it has one (saves a second read)."""
         if not self._outbox or self._drain_task is not None:
             return
         if self.ws.write_buffer_size > TWILIO_WRITE_HIGH_WATER:
@@ -189,8 +225,8 @@ class TwilioStream:
         self._queued = end
         timed = self._timed
         if timed:
-            sent_at = time.monotonic()
-            observe = self.metrics.forwarding_delay.observe
+            sent_at = self.clock() if now is None else now
+            observe = self._forwarding_delay.observe
             while timed and timed[0][0] < end:
                 observe(sent_at - timed.popleft()[1])
         for text in texts:
@@ -220,7 +256,8 @@ class TwilioStream:
         return len(self._outbox)
 
     def flush_metrics(self) -> None:
-        """Add the batched outbound message counts to the shared counters."""
+        """Add the batched outbound message counts and forwarding delays to the shared metrics."""
+        self._forwarding_delay.flush()
         if self._n_media_out:
             self.metrics.twilio_messages_out.labels(event="media").inc(self._n_media_out)
             self._n_media_out = 0
