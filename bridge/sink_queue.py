@@ -10,14 +10,18 @@ handled in arrival order whichever path takes them.
 ``WebSocketDataQueue`` imports from where it is expected and its
 ``feed_data`` takes ``(data, size)`` (else ``SINK_QUEUE_REASON`` says why).
 Where the queue is put in place is each side's business and guard:
-``bridge/agent/inline_client.py`` for the agent (client) socket;
-``telephony/inline_ws.py`` (the Twilio server socket) keeps its own copy of
-this class for now and can import this one.
+``bridge/agent/inline_client.py`` for the agent (client) socket,
+``telephony/inline_ws.py`` for the Twilio (server) socket. Both guard the
+private aiohttp methods they replace with ``source_fingerprint``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import io
+import textwrap
+import tokenize
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +29,15 @@ from aiohttp import WSMsgType
 
 #: A sink gets the text of one message and says whether it consumed it.
 Sink = Callable[[str], bool]
+
+
+def source_fingerprint(func: Any) -> str:
+    """SHA-256 of ``func``'s source tokens (comments, blank lines and indentation ignored)."""
+    source = textwrap.dedent(inspect.getsource(func))
+    ignored = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+               tokenize.ENDMARKER}
+    tokens = [t.string for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type not in ignored]
+    return hashlib.sha256(" ".join(tokens).encode()).hexdigest()
 
 
 def check_queue() -> tuple[bool, str]:

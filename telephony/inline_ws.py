@@ -41,22 +41,17 @@ update the copy if needed, and add ``post_start_fingerprint()`` to
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import inspect
-import io
-import textwrap
 import tokenize
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
 from aiohttp import WSMsgType, web
 
+from bridge.sink_queue import Sink, source_fingerprint
 from bridge.wsframe import frame_text
-
-#: A sink gets the text of one message and says whether it consumed it.
-Sink = Callable[[str], bool]
 
 #: Fingerprints of aiohttp's ``WebSocketResponse._post_start`` that the copy
 #: below replicates: aiohttp 3.14.4 and 3.14.5 (3.14.0-3.14.3 did not keep
@@ -67,15 +62,6 @@ KNOWN_POST_START: Final = frozenset({
 #: How long the start-up self-test may take before it reports the plain path.
 SELF_TEST_TIMEOUT_S: Final = 5.0
 _PROBE: Final = "fast-path-probe"
-
-
-def source_fingerprint(func: Any) -> str:
-    """SHA-256 of ``func``'s source tokens (comments, blank lines and indentation ignored)."""
-    source = textwrap.dedent(inspect.getsource(func))
-    ignored = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
-               tokenize.ENDMARKER}
-    tokens = [t.string for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type not in ignored]
-    return hashlib.sha256(" ".join(tokens).encode()).hexdigest()
 
 
 def post_start_fingerprint() -> str:
@@ -107,23 +93,10 @@ INLINE_RECEIVE, INLINE_RECEIVE_REASON = check_hook()
 
 
 if INLINE_RECEIVE:
-    from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
+    from aiohttp._websocket.reader import WebSocketReader
     from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 
-    class _SinkQueue(WebSocketDataQueue):
-        """aiohttp's message queue, with a sink that may take TEXT messages first."""
-
-        def __init__(self, protocol: Any, limit: int, *, loop: Any) -> None:
-            super().__init__(protocol, limit, loop=loop)
-            self.sink: Sink | None = None
-            self.inline_messages = 0
-
-        def feed_data(self, data: Any, size: int) -> None:
-            sink = self.sink
-            if sink is not None and data.type is WSMsgType.TEXT and not self._buffer and sink(data.data):
-                self.inline_messages += 1
-                return
-            super().feed_data(data, size)
+    from bridge.sink_queue import SinkQueue
 
 
 class InlineWebSocketResponse(web.WebSocketResponse):
@@ -161,7 +134,7 @@ class InlineWebSocketResponse(web.WebSocketResponse):
             self._reset_heartbeat()
             loop = self._loop
             assert loop is not None
-            queue = _SinkQueue(request._protocol, DEFAULT_CHUNK_SIZE, loop=loop)
+            queue = SinkQueue(request._protocol, DEFAULT_CHUNK_SIZE, loop=loop)
             self._sink_queue = queue
             self._reader = queue
             # The response owns the parser (aiohttp keeps only a weak reference to a stalled one).

@@ -16,6 +16,7 @@ import websockets
 from aiohttp import WSMsgType, web
 
 from bridge.netutil import free_port
+from bridge.sink_queue import source_fingerprint
 from bridge.wsframe import frame_text
 from metrics.scrape import value
 from telephony.inline_ws import (
@@ -26,7 +27,6 @@ from telephony.inline_ws import (
     check_hook,
     post_start_fingerprint,
     self_test,
-    source_fingerprint,
 )
 
 from .conftest import BridgeFactory

@@ -24,7 +24,7 @@ The response here swaps in its own queue in ``__init__`` and, when
 
 The guard. That is right only for the ``_ws_connect`` and the
 ``ClientWebSocketResponse.__init__`` it was checked against, so the hook is
-enabled only when both fingerprints (``telephony.inline_ws.source_fingerprint``:
+enabled only when both fingerprints (``bridge.sink_queue.source_fingerprint``:
 SHA-256 of the source tokens) are known, the private names it uses import,
 and ``bridge.sink_queue.SinkQueue`` (shared with the Twilio side) is
 available. Otherwise
@@ -48,8 +48,7 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 
-from bridge.sink_queue import SINK_QUEUE, SINK_QUEUE_REASON, Sink
-from telephony.inline_ws import source_fingerprint
+from bridge.sink_queue import SINK_QUEUE, SINK_QUEUE_REASON, Sink, source_fingerprint
 
 #: (``ClientSession._ws_connect``, ``ClientWebSocketResponse.__init__``) fingerprints
 #: this module was checked against: aiohttp 3.14.5.
