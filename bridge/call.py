@@ -133,6 +133,11 @@ BAD_MESSAGE_LOG_LINES = 20
 MAX_TIMESTAMP_S = 3600.0
 #: Audio received without any word timestamp before the horizon is given up (bytes = 500 ms).
 HORIZON_GIVE_UP_BYTES = 4000
+#: The first audio of an utterance released without waiting for its word timestamps (bytes = 60 ms):
+#: a caller's playback starts with this much in hand, not with one 20 ms frame up to the first short
+#: word's end and the next chunk due just as that frame ends (any jitter was then a gap). A context
+#: lost inside it is resumed by ``skip_bytes`` like any audio sent mid-word.
+START_RELEASE_BYTES = 480
 #: ``<Parameter>`` names the bridge uses for itself (routing, call facts, ConversationRelay
 #: settings); every other ``<Parameter>`` reaches the agent in ``setup.customParameters``.
 INTERNAL_PARAMETERS = frozenset({"from", "to", "direction", "agentUrl", *RELAY_ATTRIBUTES})
@@ -875,14 +880,16 @@ class CallCore:
 
         Audio is sent to Twilio only once Cartesia has said which word it
         belongs to, so a context lost mid-word can be resumed exactly at a word
-        start (``resume``). Contexts that send no timestamps are not held.
+        start (``resume``), except the first ``START_RELEASE_BYTES`` of an
+        utterance. Contexts that send no timestamps are not held.
         """
         if not utt.held:
             return
         if utt.horizon_off:
             n = len(utt.held)
         else:
-            n = min(len(utt.held), utt.horizon_bytes - utt.audio_bytes)
+            horizon = utt.horizon_bytes if utt.horizon_bytes > START_RELEASE_BYTES else START_RELEASE_BYTES
+            n = min(len(utt.held), horizon - utt.audio_bytes)
         if n <= 0:
             return
         held = utt.held
