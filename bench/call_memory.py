@@ -11,7 +11,13 @@ bridge (``media-bridge serve``, built-in agent, STT off) as a child process on
    ``--ramp-s``, each in the load test's ``talk`` scenario (greeting, then DTMF 9
    for a long passage whenever it goes quiet; inbound audio every 20 ms), and,
    ``--settle-s`` after the last one connected, a snapshot ``calls``;
-3. every caller hangs up; 3 s later a snapshot ``after`` (what a call leaves behind).
+3. half the callers hang up, 1 s later a snapshot ``half`` (is an ended call's memory freed while
+   the others still speak?); then the rest hang up, 3 s later a snapshot ``after``.
+
+``--bridge-cpu 0 --load-cpus 1`` pins the bridge and this process as ``bench/capacity.py`` does.
+Speaking memory grows with call age (the bridge holds the audio the emulator sends ahead at 2x
+real time: ``bridge/playout.py`` ``utt.pending``), so compare runs with the same ``--ramp-s`` and
+``--settle-s``.
 
 A snapshot is taken inside the bridge by a thread of this script's child wrapper
 (no route or code in the bridge is needed, so any commit can be measured): a full
@@ -30,8 +36,9 @@ worktree's interpreter: the child gets ``PYTHONPATH=DIR``; the emulator and the
 callers stay this checkout's. ``--json`` writes every figure and site.
 
     .venv/bin/python bench/call_memory.py --calls 100 --frames 0            # RSS only
-    .venv/bin/python bench/call_memory.py --calls 100 --frames 25 --top 30  # by site
-    .venv/bin/python bench/call_memory.py --tree /tmp/mb-6dd30b8 --calls 100 --frames 25 --json out/m-6dd.json
+    .venv/bin/python bench/call_memory.py --calls 40 --frames 12 --top 30  # by site (slow: tracemalloc)
+    .venv/bin/python bench/call_memory.py --tree /tmp/mb-6dd30b8 --calls 40 --frames 6 --json out/m-6dd.json
+    .venv/bin/python bench/call_memory.py --calls 200 --ramp-s 8 --settle-s 12 --frames 0 --bridge-cpu 0 --load-cpus 1
 """
 
 from __future__ import annotations
