@@ -328,3 +328,17 @@ def test_cli_flags_and_target_mode(tmp_path: Path) -> None:
     assert report["integrity"]["checked"] is False and "frame-shape" in report["integrity"]["method"]
     assert report["bridge"]["measured"] is False
     assert (tmp_path / "report.html").exists()
+
+
+def test_speaking_memory_is_taken_while_every_call_is_up_not_at_the_hang_up_peak() -> None:
+    from bridge.loadtest.report import RunFacts, _bridge_section
+
+    # 50 MB before calls; 60 MB with all 100 calls up; 70 MB while they hang up (memory not reused).
+    samples = [{"active_calls": n, "bridge_rss_mb": mb, "bridge_cpu_percent": 10.0}
+               for n, mb in [(0, 50.0), (50, 55.0), (100, 59.0), (100, 60.0), (60, 66.0), (10, 70.0)]]
+    run = RunFacts(opts=Options(calls=100), results=[], samples=samples, metrics_text="", index=None,
+                   bridge_pid=1, signed=True, started_wall=0.0, wall_s=1.0, timed_out=False,
+                   rss_before_mb=50.0, emulator=None)
+    per_call = _bridge_section(run)["per_call"]
+    assert per_call["rss_kb"] == round(10 * 1024 / 100, 1)
+    assert per_call["rss_kb_peak"] == round(20 * 1024 / 100, 1)

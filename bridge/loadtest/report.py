@@ -222,6 +222,12 @@ def _bridge_section(run: RunFacts) -> dict[str, Any]:
                   and s.get("bridge_cpu_percent") is not None]
     rss_base = run.rss_before_mb if run.rss_before_mb is not None else (rss[0] if rss else None)
     rss_peak = max(rss) if rss else None
+    # Speaking memory: RSS while every call is up. The run's maximum can come while calls hang up (memory
+    # freed by ended calls that the allocator does not hand to the calls still growing), which is not
+    # memory per speaking call; it stays in the report as ``rss_kb_peak``.
+    rss_all_up = [s["bridge_rss_mb"] for s in samples
+                  if peak_active and s["active_calls"] >= peak_active and s.get("bridge_rss_mb") is not None]
+    rss_speaking = max(rss_all_up) if rss_all_up else rss_peak
     cpu_mean_steady = sum(steady_cpu) / len(steady_cpu) if steady_cpu else None
     return {
         "measured": run.bridge_pid is not None,
@@ -236,8 +242,10 @@ def _bridge_section(run: RunFacts) -> dict[str, Any]:
             "peak_active_calls": peak_active,
             "cpu_percent": round_or_none(cpu_mean_steady / peak_active
                                          if cpu_mean_steady and peak_active else None, 4),
-            "rss_kb": round_or_none((rss_peak - rss_base) * 1024 / peak_active
-                                    if rss_peak is not None and rss_base is not None and peak_active else None),
+            "rss_kb": round_or_none((rss_speaking - rss_base) * 1024 / peak_active
+                                    if rss_speaking is not None and rss_base is not None and peak_active else None),
+            "rss_kb_peak": round_or_none((rss_peak - rss_base) * 1024 / peak_active
+                                         if rss_peak is not None and rss_base is not None and peak_active else None),
         },
     }
 
