@@ -41,6 +41,7 @@ import orjson
 from aiohttp import web
 
 from bridge.agent.connector import AgentConnector
+from bridge.agent.inline_client import self_test as agent_self_test
 from bridge.agent.play_audio import PlayAudioFetcher
 from bridge.agent.relay_settings import RelaySettingsError
 from bridge.call import CallSettings
@@ -185,6 +186,7 @@ class BridgeServer:
         for event, detail in config.warnings():
             log_event(log, event, logging.WARNING, detail=detail)
         await self._check_fast_path()
+        await self._check_agent_fast_path()
         if not self.signatures.enforced:
             log_event(log, "SIGNATURES_NOT_ENFORCED", logging.WARNING,
                       detail="TWILIO_AUTH_TOKEN is unset: anyone can call the webhook and open media streams. "
@@ -268,6 +270,17 @@ class BridgeServer:
                   aiohttp=self.fast_path.aiohttp_version,
                   detail=None if self.fast_path.active else
                   "Twilio messages take aiohttp's receive() path: correct, but more CPU per call")
+
+    async def _check_agent_fast_path(self) -> None:
+        """Which path agent text takes here, checked on a loopback socket, logged and exported; agent
+        sockets use the inline path only when the check saw it work."""
+        status = await agent_self_test()
+        self.agents.inline_receive = status.active
+        self.metrics.agent_fast_path.set(1 if status.active else 0)
+        log_event(log, "agent_fast_path", logging.INFO if status.active else logging.WARNING,
+                  active=status.active, reason=status.reason, aiohttp=status.aiohttp_version,
+                  detail=None if status.active else
+                  "agent messages take aiohttp's reader task: correct, but more CPU per message")
 
     async def _probe_lag(self) -> None:
         """Event-loop lag: how late a 100 ms sleep wakes (one timer, ~10 wakeups/s)."""

@@ -72,6 +72,12 @@ class BridgeMetrics:
             "passed), 0 when they take aiohttp's receive() (correct, more CPU per call)",
             multiprocess_mode="livemin", registry=r,
         )
+        self.agent_fast_path = Gauge(
+            "bridge_agent_fast_path",
+            "1 when agent text messages are handled in the agent socket's data callback (start-up self-test "
+            "passed), 0 when they take aiohttp's reader task (correct, more CPU per message)",
+            multiprocess_mode="livemin", registry=r,
+        )
 
         # Latency histograms.
         self.tts_ttfb = Histogram(

@@ -8,6 +8,7 @@ keep the size cap and the handler-error answer, and stop delivering at close.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -20,6 +21,9 @@ from bridge.agent import inline_client
 from bridge.agent.connector import AgentConnector
 from bridge.agent.link import AGENT_SOCKET_MAX_MSG_BYTES, RemoteAgentLink
 from metrics import BridgeMetrics
+from metrics.scrape import value
+
+from .conftest import BridgeFactory
 
 Script = Callable[[web.WebSocketResponse], Awaitable[None]]
 
@@ -175,3 +179,27 @@ async def test_nothing_is_delivered_after_close_and_no_task_is_left(agent: Agent
     assert len(delivered) == 1
     assert all(task.done() for task in tasks)
     await connector.close()
+
+
+async def test_start_up_checks_the_agent_fast_path_and_exports_it(make_bridge: BridgeFactory) -> None:
+    bridge = await make_bridge()
+    status = await inline_client.self_test()
+    assert status.active == inline_client.INLINE_CLIENT
+    assert bridge.server.agents.inline_receive == status.active
+    assert value(await bridge.metrics(), "bridge_agent_fast_path") == (1 if status.active else 0)
+
+
+async def test_a_failed_agent_self_test_switches_agent_sockets_to_the_plain_path(
+        make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from bridge import server
+
+    async def failing_self_test() -> inline_client.ClientFastPathStatus:
+        return inline_client.ClientFastPathStatus(False, "self-test got []")
+
+    monkeypatch.setattr(server, "agent_self_test", failing_self_test)
+    with caplog.at_level(logging.WARNING):
+        bridge = await make_bridge()
+    assert bridge.server.agents.inline_receive is False
+    assert value(await bridge.metrics(), "bridge_agent_fast_path") == 0
+    hits = [r for r in caplog.records if r.getMessage() == "agent_fast_path"]
+    assert len(hits) == 1 and hits[0].levelno == logging.WARNING and hits[0].__dict__["reason"] == "self-test got []"
