@@ -31,6 +31,26 @@ from aiohttp import WSMsgType
 Sink = Callable[[str], bool]
 
 
+class SinkHost:
+    """What a WebSocket response with a ``SinkQueue`` offers (client and server alike):
+    ``set_sink`` and the count of messages the sink consumed. ``_sink_queue`` is None
+    when the socket took aiohttp's plain path."""
+
+    _sink_queue: Any = None
+
+    @property
+    def inline_messages(self) -> int:
+        """Messages the sink consumed so far."""
+        return int(self._sink_queue.inline_messages) if self._sink_queue is not None else 0
+
+    def set_sink(self, sink: Sink | None) -> bool:
+        """Route TEXT messages to ``sink`` first; ``False`` if this socket has no hook."""
+        if self._sink_queue is None:
+            return False
+        self._sink_queue.sink = sink
+        return True
+
+
 def source_fingerprint(func: Any) -> str:
     """SHA-256 of ``func``'s source tokens (comments, blank lines and indentation ignored)."""
     source = textwrap.dedent(inspect.getsource(func))

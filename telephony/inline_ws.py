@@ -41,7 +41,6 @@ update the copy if needed, and add ``post_start_fingerprint()`` to
 from __future__ import annotations
 
 import asyncio
-import inspect
 import tokenize
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from bridge.sink_queue import Sink, source_fingerprint
+from bridge.sink_queue import SINK_QUEUE, SINK_QUEUE_REASON, SinkHost, source_fingerprint
 from bridge.wsframe import frame_text
 
 #: Fingerprints of aiohttp's ``WebSocketResponse._post_start`` that the copy
@@ -73,19 +72,18 @@ def check_hook(post_start: Any = None, known: frozenset[str] = KNOWN_POST_START)
     """Whether the receive hook may replace ``post_start`` (default: the
     installed aiohttp's), and why not."""
     try:
-        from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader  # noqa: F401
+        from aiohttp._websocket.reader import WebSocketReader  # noqa: F401
         from aiohttp.helpers import DEFAULT_CHUNK_SIZE  # noqa: F401
     except ImportError as exc:
         return False, f"aiohttp internals moved: {exc}"
     try:
         fingerprint = source_fingerprint(post_start or web.WebSocketResponse._post_start)
-        feed_params = list(inspect.signature(WebSocketDataQueue.feed_data).parameters)
     except (OSError, TypeError, ValueError, tokenize.TokenError) as exc:
         return False, f"cannot inspect aiohttp: {exc}"
     if fingerprint not in known:
         return False, f"WebSocketResponse._post_start changed (fingerprint {fingerprint[:16]}…)"
-    if feed_params != ["self", "data", "size"]:
-        return False, f"WebSocketDataQueue.feed_data takes {feed_params}"
+    if not SINK_QUEUE:
+        return False, SINK_QUEUE_REASON
     return True, "aiohttp internals as verified"
 
 
@@ -99,7 +97,7 @@ if INLINE_RECEIVE:
     from bridge.sink_queue import SinkQueue
 
 
-class InlineWebSocketResponse(web.WebSocketResponse):
+class InlineWebSocketResponse(SinkHost, web.WebSocketResponse):
     """A ``WebSocketResponse`` with an inline receive sink and batched sends.
 
     ``inline=False`` (or an aiohttp the guard does not know) gives the plain
@@ -111,7 +109,6 @@ class InlineWebSocketResponse(web.WebSocketResponse):
     reading beyond ``2 × DEFAULT_CHUNK_SIZE`` (128 KiB) as usual.
     """
 
-    _sink_queue: Any = None
     _request: web.BaseRequest | None = None
 
     def __init__(self, *args: Any, inline: bool = True, **kwargs: Any) -> None:
@@ -143,18 +140,6 @@ class InlineWebSocketResponse(web.WebSocketResponse):
             cb = None if self._heartbeat is None else self._on_data_received
             request.protocol.set_parser(self._parser, data_received_cb=cb)
             request.protocol.keep_alive(False)
-
-    @property
-    def inline_messages(self) -> int:
-        """Messages the sink consumed so far."""
-        return int(self._sink_queue.inline_messages) if self._sink_queue is not None else 0
-
-    def set_sink(self, sink: Sink | None) -> bool:
-        """Route TEXT messages to ``sink`` first; ``False`` if this socket has no hook."""
-        if self._sink_queue is None:
-            return False
-        self._sink_queue.sink = sink
-        return True
 
     def _transport(self) -> asyncio.Transport | None:
         request = self._request

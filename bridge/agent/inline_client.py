@@ -48,7 +48,7 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 
-from bridge.sink_queue import SINK_QUEUE, SINK_QUEUE_REASON, Sink, source_fingerprint
+from bridge.sink_queue import SINK_QUEUE, SINK_QUEUE_REASON, SinkHost, source_fingerprint
 
 #: (``ClientSession._ws_connect``, ``ClientWebSocketResponse.__init__``) fingerprints
 #: this module was checked against: aiohttp 3.14.5.
@@ -96,7 +96,7 @@ if INLINE_CLIENT:
     from bridge.sink_queue import SinkQueue
 
 
-class InlineClientWebSocketResponse(aiohttp.ClientWebSocketResponse):
+class InlineClientWebSocketResponse(SinkHost, aiohttp.ClientWebSocketResponse):
     """A client WebSocket with an inline receive sink (see the module docstring).
 
     Made only by ``inline_response_class``, which fixes ``inline_max_msg_size``
@@ -106,7 +106,6 @@ class InlineClientWebSocketResponse(aiohttp.ClientWebSocketResponse):
     """
 
     inline_max_msg_size: int = 0
-    _sink_queue: Any = None
     _inline_parser: Any = None
 
     def __init__(self, reader: Any, writer: Any, protocol: str | None, response: aiohttp.ClientResponse,
@@ -131,18 +130,6 @@ class InlineClientWebSocketResponse(aiohttp.ClientWebSocketResponse):
             return
         self._inline_parser = WebSocketReader(self._sink_queue, self.inline_max_msg_size,
                                               compress=bool(self._compress), decode_text=True)
-
-    @property
-    def inline_messages(self) -> int:
-        """Messages the sink consumed so far."""
-        return int(self._sink_queue.inline_messages) if self._sink_queue is not None else 0
-
-    def set_sink(self, sink: Sink | None) -> bool:
-        """Route TEXT messages to ``sink`` first; ``False`` if this socket has no hook."""
-        if self._sink_queue is None:
-            return False
-        self._sink_queue.sink = sink
-        return True
 
 
 _classes: dict[int, type[aiohttp.ClientWebSocketResponse]] = {}
