@@ -24,6 +24,7 @@ from metrics import BridgeMetrics
 from metrics.scrape import value
 
 from .conftest import BridgeFactory
+from .test_call_e2e import wait_for
 
 Script = Callable[[web.WebSocketResponse], Awaitable[None]]
 
@@ -65,15 +66,6 @@ async def agent() -> AsyncIterator[Agent]:
 def connector_for(agent: Agent, *, inline: bool) -> AgentConnector:
     return AgentConnector(agent_url=agent.url, allowlist=(), token=None, connect_timeout_s=5.0, greeting="Hi.",
                           max_links=10, metrics=BridgeMetrics(), inline_receive=inline)
-
-
-async def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 def test_the_guard_knows_this_aiohttp_and_refuses_an_unknown_one() -> None:
@@ -121,12 +113,12 @@ async def test_both_paths_deliver_every_message_in_order_and_answer_a_handler_bu
     link = await connector.connect(None, deliver, closed.append)
     assert isinstance(link, RemoteAgentLink) and link.inline is inline
     try:
-        assert await eventually(lambda: len(delivered) == len(words) + 3)
+        assert await wait_for(lambda: len(delivered) == len(words) + 3)
         assert delivered[0] == "{not json"
         assert delivered[52] == {"type": "__binary__"}, delivered[50:54]
         tokens = [orjson.loads(m)["token"] for m in delivered[1:] if isinstance(m, str)]
         assert tokens == [*words, ""], "same order, nothing lost, nothing twice"
-        assert await eventually(lambda: any(m.get("type") == "error" for m in agent.received))
+        assert await wait_for(lambda: any(m.get("type") == "error" for m in agent.received))
         assert agent.received[0]["description"] == "the bridge failed to handle that message"
         if inline:
             assert link._ws is not None and isinstance(link._ws, inline_client.InlineClientWebSocketResponse)
@@ -149,7 +141,7 @@ async def test_a_message_over_the_size_cap_fails_the_link_on_both_paths(agent: A
     connector = connector_for(agent, inline=inline)
     link = await connector.connect(None, delivered.append, closed.append)
     try:
-        assert await eventually(lambda: bool(closed))
+        assert await wait_for(lambda: bool(closed))
         assert delivered == ['{"type": "text", "token": "ok ", "last": false}']
         assert "agent socket error" in closed[0] and ("1009" in closed[0] or "size" in closed[0]), closed
     finally:
@@ -170,7 +162,7 @@ async def test_nothing_is_delivered_after_close_and_no_task_is_left(agent: Agent
     delivered: list[Any] = []
     connector = connector_for(agent, inline=True)
     link = await connector.connect(None, delivered.append, lambda reason: None)
-    assert await eventually(lambda: len(delivered) == 1)
+    assert await wait_for(lambda: len(delivered) == 1)
     assert isinstance(link, RemoteAgentLink)
     tasks = list(link._tasks)
     await link.close()

@@ -9,7 +9,6 @@ cap, or ``text_hold_ms`` after the first held word.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,6 +19,8 @@ from bridge.cartesia.protocol import GenerationRequest, ServerMessage
 from bridge.config import Config, ConfigError
 from metrics import BridgeMetrics
 from tests.test_pool import pool_on_emulator
+
+from .test_call_e2e import wait_for
 
 CTX = "utt-1"
 
@@ -49,15 +50,6 @@ def inputs(emulator: Emulator, ctx: str = CTX) -> list[tuple[str, bool]]:
             if obj.get("context_id") == ctx and "transcript" in obj]
 
 
-async def eventually(check: Callable[[], bool], timeout_s: float = 3.0) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
-
-
 async def stream(contexts: CallContexts, words: list[str]) -> None:
     """One word per loop turn, as an agent's socket delivers them."""
     for text in words:
@@ -77,21 +69,21 @@ async def test_streamed_words_are_held_until_a_sentence_end_a_clause_end_the_hol
         contexts = CallContexts(pool, Owner(), metrics, admission_timeout_s=1, context_timeout_s=10,
                                 text_hold_ms=1000)
         await stream(contexts, ["One "])
-        assert await eventually(lambda: inputs(emulator) == [("One ", True)]), "the first word opens the context"
+        assert await wait_for(lambda: inputs(emulator) == [("One ", True)]), "the first word opens the context"
         await stream(contexts, ["two ", "three "])
         await asyncio.sleep(0.3)
         assert inputs(emulator) == [("One ", True)] and contexts.held_inputs == 1, "continuations are held"
         await stream(contexts, ["four. "])
-        assert await eventually(lambda: len(inputs(emulator)) == 2, 0.6), "a sentence end goes at once"
+        assert await wait_for(lambda: len(inputs(emulator)) == 2, 0.6), "a sentence end goes at once"
         await stream(contexts, ["Five ", "six, "])
-        assert await eventually(lambda: len(inputs(emulator)) == 3, 0.6), "a clause end goes at the turn's end"
+        assert await wait_for(lambda: len(inputs(emulator)) == 3, 0.6), "a clause end goes at the turn's end"
         await stream(contexts, ["seven ", "eight "])
         await asyncio.sleep(0.3)
         assert len(inputs(emulator)) == 3
-        assert await eventually(lambda: len(inputs(emulator)) == 4, 3.0), "the hold ends"
+        assert await wait_for(lambda: len(inputs(emulator)) == 4, 3.0), "the hold ends"
         await stream(contexts, ["nine "])
         contexts.send(CTX, word("", cont=False))
-        assert await eventually(lambda: len(inputs(emulator)) == 5, 0.6), "the close takes the held word along"
+        assert await wait_for(lambda: len(inputs(emulator)) == 5, 0.6), "the close takes the held word along"
         assert inputs(emulator) == [("One ", True), ("two three four. ", True), ("Five six, ", True),
                                     ("seven eight ", True), ("nine ", False)]
         assert text_inputs(metrics) == 5
@@ -109,7 +101,7 @@ async def test_zero_hold_writes_every_turns_input_as_before() -> None:
         await stream(contexts, ["One ", "two ", "three "])
         contexts.send(CTX, word("four ", cont=True))
         contexts.send(CTX, word("five.", cont=False))  # same turn: joined with the close
-        assert await eventually(lambda: len(inputs(emulator)) == 4)
+        assert await wait_for(lambda: len(inputs(emulator)) == 4)
         assert inputs(emulator) == [("One ", True), ("two ", True), ("three ", True), ("four five.", False)]
         assert text_inputs(metrics) == 4
         contexts.close()
@@ -122,17 +114,17 @@ async def test_a_flush_another_language_or_the_length_cap_writes_what_was_held_f
                                 text_hold_ms=1000)
         await stream(contexts, ["One ", "two "])
         contexts.send(CTX, word("", flush=True))
-        assert await eventually(lambda: len(inputs(emulator)) == 2, 0.6), "a flush goes at once"
+        assert await wait_for(lambda: len(inputs(emulator)) == 2, 0.6), "a flush goes at once"
         assert [bool(obj.get("flush")) for _c, obj in emulator.received if obj.get("context_id") == CTX] == [False, True]
         await stream(contexts, ["three "])
         contexts.send(CTX, word("quatre ", language="fr"))  # cannot be joined: 'three ' goes first
-        assert await eventually(lambda: len(inputs(emulator)) == 3, 0.6)
+        assert await wait_for(lambda: len(inputs(emulator)) == 3, 0.6)
         await asyncio.sleep(0.01)
         long_text = "x" * (MAX_MERGED_CHARS - 5) + " "
         contexts.send(CTX, word(long_text, language="fr"))  # joined with 'quatre ': over the cap
-        assert await eventually(lambda: len(inputs(emulator)) == 4, 0.6)
+        assert await wait_for(lambda: len(inputs(emulator)) == 4, 0.6)
         contexts.send(CTX, word("", cont=False, language="fr"))
-        assert await eventually(lambda: len(inputs(emulator)) == 5, 0.6)
+        assert await wait_for(lambda: len(inputs(emulator)) == 5, 0.6)
         sent = inputs(emulator)
         assert sent == [("One ", True), ("two ", True), ("three ", True), ("quatre ", True), (long_text, False)]
         assert "".join(t for t, _ in sent) == "One two three quatre " + long_text

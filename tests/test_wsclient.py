@@ -37,6 +37,8 @@ from bridge.wsframe import (
     frame_text,
 )
 
+from .test_call_e2e import wait_for
+
 # ------------------------------------------------------------------ frames, no sockets
 
 
@@ -202,7 +204,7 @@ async def test_echo_headers_and_a_close_with_reason(serve: Callable[[Handler], A
     assert seen_headers == ["1"] and sock.is_open
     sock.send_text(("é" * 3000).encode())  # 16-bit length form, masked
     sock.send_text(b"short")
-    await asyncio.wait_for(_until(lambda: len(got) == 4), 5)
+    assert await wait_for(lambda: len(got) == 4)
     assert got == [f"echo {'é' * 3000}".encode(), b"\x01\x02", b"echo short", b"\x01\x02"]
     sock.send_text(b"bye")
     info = await asyncio.wait_for(sock.closed, 5)
@@ -265,7 +267,7 @@ async def test_oversized_message_closes_with_1009_and_a_handler_error_loses_noth
     info = await asyncio.wait_for(sock.closed, 5)
     assert got == [b"fine"]
     assert info.error.startswith("message over 1000")
-    await asyncio.wait_for(_until(lambda: bool(close_codes)), 5)
+    assert await wait_for(lambda: bool(close_codes))
     assert close_codes == [1009]  # what we told the server
 
 
@@ -309,9 +311,3 @@ async def test_a_pong_frame_counts_as_life(serve: Callable[[Handler], Awaitable[
     await asyncio.sleep(0.6)
     assert sock.is_open
     await sock.close()
-
-
-async def _until(check: Callable[[], bool]) -> None:
-    while not check():
-        await asyncio.sleep(0.01)
-
