@@ -41,7 +41,7 @@ from bridge.cartesia.protocol import (
     WordTimestamps,
 )
 from bridge.cartesia.stt_protocol import SttError, SttFlushDone, SttServerMessage, SttTranscript, SttTurnEvent
-from bridge.defaults import PLAYOUT_LEAD_MS
+from bridge.defaults import PLAYOUT_LEAD_MS, PLAYOUT_MARK_INTERVAL_MS
 from bridge.hearing import FinalizeDue, HearingEvent, PartialText, SpeechStarted, TurnComplete, TurnTracker
 from bridge.histogram_batch import HistogramBatch
 from bridge.logs import log_event
@@ -153,7 +153,7 @@ class CallSettings:
     voice_id: str
     language: str
     lead_ms: int = PLAYOUT_LEAD_MS
-    mark_interval_ms: int = 100
+    mark_interval_ms: int = PLAYOUT_MARK_INTERVAL_MS
     max_buffer_ms: int = 60_000
     max_buffer_delay_ms: int | None = 0
     vad_enabled: bool = True
@@ -1058,7 +1058,7 @@ class CallCore:
             return []
         out: list[Action] = [ToTwilio(encoder.clear())]
         self.metrics.twilio_messages_out.labels(event="clear").inc()
-        cleared = self.playout.clear()
+        cleared = self.playout.clear(now)
         for utt in self.utterances.values():
             if not utt.done and not utt.pending_resume:
                 out.append(CancelCartesia(utt.context_id))

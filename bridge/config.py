@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from bridge.agent.relay_settings import RELAY_ATTRIBUTES, RelaySettings, RelaySettingsError
 from bridge.cartesia.protocol import DEFAULT_VERSION, LANGUAGES
 from bridge.cartesia.stt_protocol import STT_MODELS
-from bridge.defaults import EMULATOR_DEFAULT_VOICE_ID, PLAYOUT_LEAD_MS
+from bridge.defaults import EMULATOR_DEFAULT_VOICE_ID, PLAYOUT_LEAD_MS, PLAYOUT_MARK_INTERVAL_MS
 from bridge.logs import loggable_url
 
 
@@ -57,7 +57,7 @@ ENV_VARS: Final[dict[str, tuple[str | None, str]]] = {
     "MEDIA_START_TIMEOUT_S": ("10", "a media WebSocket that sends no `start` within this is closed"),
     "HTTP_IDLE_TIMEOUT_S": ("75", "an HTTP connection with no complete request for this long is closed"),
     "PLAYOUT_LEAD_MS": (str(PLAYOUT_LEAD_MS), "audio sent ahead of what the caller has heard, at most"),
-    "PLAYOUT_MARK_INTERVAL_MS": ("100", "a Twilio mark every this many ms of audio"),
+    "PLAYOUT_MARK_INTERVAL_MS": (str(PLAYOUT_MARK_INTERVAL_MS), "a Twilio mark every this many ms of audio"),
     "PLAYOUT_MAX_BUFFER_MS": ("60000", "per-call buffer of audio not yet sent; beyond it the utterance is cut"),
     "GREETING": ("Hello! You are connected to the media bridge.", "what the built-in agent says first"),
     "AGENT_URL": (None, "ws(s):// URL of the customer's agent; unset = built-in demo agent"),
@@ -121,7 +121,7 @@ class Config:
     media_start_timeout_s: float = 10.0
     http_idle_timeout_s: float = 75.0
     playout_lead_ms: int = PLAYOUT_LEAD_MS
-    playout_mark_interval_ms: int = 100
+    playout_mark_interval_ms: int = PLAYOUT_MARK_INTERVAL_MS
     playout_max_buffer_ms: int = 60_000
     greeting: str = "Hello! You are connected to the media bridge."
     agent_url: str | None = None

@@ -11,15 +11,17 @@ timeline (8 bytes = 1 ms, 160 bytes = one 20 ms frame):
   echo of a mark we placed after that audio.
 
 Frames are released only while ``sent - played <= lead`` (``lead_ms``,
-default 300 ms), so Twilio's buffer holds at most ``lead`` of our audio and a
+default 400 ms), so Twilio's buffer holds at most ``lead`` of our audio and a
 barge-in ``clear`` throws away at most that much. Cartesia is read at full
 speed; what cannot be sent yet waits here.
 
 Utterances play strictly in the order they were opened. Each starts on a frame
 boundary; its last partial frame is padded with mu-law silence (0xFF) when it
-finishes. A mark is placed every ``mark_interval_ms`` of audio, at the end of
-every utterance, and whenever the buffer runs dry, so the played cursor keeps
-up. After ``clear`` all outstanding marks count as *flushed*, never played.
+finishes. A mark is placed every ``mark_interval_ms`` of audio (default
+200 ms), at the end of every utterance, and whenever the buffer runs dry, so
+the played cursor keeps up. After ``clear`` all outstanding marks count as
+*flushed*, never played. What the caller heard at a ``clear`` is interpolated
+between echoes (``heard_position``), so the interval costs no precision there.
 
 Limits:
 
@@ -48,7 +50,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Final, Union
 
-from bridge.defaults import PLAYOUT_LEAD_MS
+from bridge.defaults import PLAYOUT_LEAD_MS, PLAYOUT_MARK_INTERVAL_MS
 from telephony.media import BYTES_PER_MS, FRAME_BYTES, MULAW_SILENCE
 
 _SILENCE_FRAME: Final = bytes([MULAW_SILENCE]) * FRAME_BYTES
@@ -126,7 +128,7 @@ class Playout:
         self,
         *,
         lead_ms: int = PLAYOUT_LEAD_MS,
-        mark_interval_ms: int = 100,
+        mark_interval_ms: int = PLAYOUT_MARK_INTERVAL_MS,
         max_buffer_ms: int = 60_000,
         max_message_ms: int = 200,
     ) -> None:
@@ -151,6 +153,8 @@ class Playout:
         # Estimated monotonic s at which Twilio has played everything sent (None: nothing playing).
         self._play_end: float | None = None
         self._gaps: list[PlayoutGap] = []
+        # When the latest echo advanced ``played`` (None: no echo since the start or the last clear).
+        self._played_at: float | None = None
         # Utterances sent completely, waiting for their end mark's echo.
         self._awaiting_end: dict[str, UtteranceAudio] = {}
 
@@ -321,20 +325,23 @@ class Playout:
             if mark_name == name:
                 result.round_trip_s = now - info.sent_at
                 break
+        self._played_at = now
         return result
 
-    def clear(self) -> ClearResult:
+    def clear(self, now: float | None = None) -> ClearResult:
         """Twilio ``clear`` was sent: every queued utterance is cut, every
         outstanding mark becomes flushed, and the lead window restarts at the
-        played cursor."""
+        played cursor. ``now``: when, for the heard estimate (``heard_position``);
+        without it only what mark echoes confirmed counts as heard."""
         cut: list[tuple[str, int]] = []
         dropped = 0
+        heard = self.played if now is None else self.heard_position(now)
         for utt in self._utterances:
             if utt.start_pos is not None:
-                cut.append((utt.utterance_id, self.played_ms_of(utt)))
+                cut.append((utt.utterance_id, self._heard_ms_of(utt, heard)))
             dropped += len(utt.pending)
         for utt in self._awaiting_end.values():
-            cut.append((utt.utterance_id, self.played_ms_of(utt)))
+            cut.append((utt.utterance_id, self._heard_ms_of(utt, heard)))
         self._utterances.clear()
         self._by_id.clear()
         self._awaiting_end.clear()
@@ -345,16 +352,38 @@ class Playout:
         self._last_mark_pos = self.sent
         self._waiting_since = None
         self._play_end = None  # Twilio's buffer is empty after a clear
+        self._played_at = None
         return ClearResult(cut, dropped)
 
     # --------------------------------------------------------------- queries
 
     def played_ms_of(self, utt: UtteranceAudio) -> int:
         """Milliseconds of ``utt`` confirmed played (by mark echoes)."""
+        return self._heard_ms_of(utt, self.played)
+
+    def heard_position(self, now: float) -> int:
+        """Where the caller is on the sent timeline at ``now`` (bytes), at least ``played``.
+
+        Between echoes Twilio plays in real time, so after the echo of the mark at
+        ``played`` the caller moves on by 8 bytes per ms; never past the next mark
+        not yet echoed (the caller has not reached it, or its echo is on the way),
+        which also stops the estimate where sent audio ran out. Without an echo
+        since the start or the last ``clear`` it is ``played``: before the first
+        echo the bridge cannot tell when playing began. So marks every 200 ms report
+        what was heard as closely as marks every 20 ms would, never more than was.
+        """
+        played_at = self._played_at
+        if played_at is None or now <= played_at:
+            return self.played
+        limit = next(iter(self._marks.values())).position if self._marks else self.sent
+        return max(self.played, min(limit, self.played + round((now - played_at) * 1000) * BYTES_PER_MS))
+
+    @staticmethod
+    def _heard_ms_of(utt: UtteranceAudio, position: int) -> int:
         if utt.start_pos is None:
             return 0
-        played = min(max(self.played - utt.start_pos, 0), utt.sent_bytes)
-        return played // BYTES_PER_MS
+        heard = min(max(position - utt.start_pos, 0), utt.sent_bytes)
+        return heard // BYTES_PER_MS
 
     def utterance(self, utterance_id: str) -> UtteranceAudio | None:
         return self._by_id.get(utterance_id)

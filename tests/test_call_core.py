@@ -74,7 +74,8 @@ def test_barge_in_reports_exactly_the_words_played() -> None:
     core = make_core(lead_ms=300, mark_interval_ms=100)
     words = [("one", 0.0, 0.18), ("two", 0.2, 0.30), ("three", 0.32, 0.5)]
     utt = speak_and_play(core, words, 1000)
-    # The first 300 ms went out with marks at 100/200/300 ms; the caller has heard 200 ms.
+    # The first 300 ms went out with marks at 100/200/300 ms; the echo of the 200 ms mark
+    # came at 0.2 s, so at 0.25 s the caller has heard 250 ms (Twilio plays in real time).
     assert core.playout.sent == 2400
     names = [n for n in core.playout._marks]  # noqa: SLF001
     core.on_mark(names[1], 0.2)
@@ -82,7 +83,7 @@ def test_barge_in_reports_exactly_the_words_played() -> None:
     kinds = [type(a).__name__ for a in actions]
     assert kinds[0] == "ToTwilio" and twilio(actions)[0]["event"] == "clear"
     assert kinds.index("CancelCartesia") > 0 and kinds[-1] == "ToAgent"
-    assert agent(actions)[-1] == {"type": "interrupt", "utteranceUntilInterrupt": "one", "durationUntilInterruptMs": 200,
+    assert agent(actions)[-1] == {"type": "interrupt", "utteranceUntilInterrupt": "one", "durationUntilInterruptMs": 250,
                                   "utteranceId": utt}
     # Late audio for the cancelled context is dropped and counted, never sent.
     late = core.on_cartesia(utt, Chunk(utt, base64.b64encode(b"\x22" * 160).decode()), 0.3)

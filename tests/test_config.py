@@ -15,7 +15,7 @@ def test_defaults_and_public_ws_base() -> None:
     assert config.public_ws_base == "wss://bridge.example.com"
     assert config.public("/twilio/voice") == "https://bridge.example.com/twilio/voice"
     assert Config.from_env({"PUBLIC_URL": "http://10.0.0.1:8080"}).public_ws_base == "ws://10.0.0.1:8080"
-    assert config.use_emulator and config.playout_lead_ms == 300
+    assert config.use_emulator and config.playout_lead_ms == 400 and config.playout_mark_interval_ms == 200
 
 
 def test_every_problem_is_listed() -> None:

@@ -213,3 +213,44 @@ def test_a_sub_frame_tail_completed_late_counts_as_tts_late() -> None:
     p.take(0.2)
     (gap,) = p.take_gaps()
     assert gap.cause == "tts_late" and gap.seconds == pytest.approx(0.1)
+
+
+def test_heard_position_moves_in_real_time_from_the_last_echo_up_to_the_next_mark() -> None:
+    p = Playout(lead_ms=400, mark_interval_ms=200)
+    p.open("u1")
+    p.push("u1", b"\x01" * 8000, 0.0)
+    first = marks_of(p.take(0.0))  # 400 ms sent, marks at 200 and 400 ms
+    assert p.sent == 3200 and len(first) == 2
+    assert p.heard_position(0.15) == 0, "before the first echo nothing counts as heard"
+    p.on_mark(first[0], 0.2)
+    assert p.played == 1600
+    assert p.heard_position(0.2) == 1600
+    assert p.heard_position(0.25) == 2000, "50 ms after the echo of 200 ms: 250 ms heard"
+    assert p.heard_position(0.9) == 3200, "never past the next mark not yet echoed"
+    assert p.heard_position(0.1) == 1600, "a clock reading before the echo changes nothing"
+
+
+def test_clear_reports_the_interpolated_heard_duration_and_forgets_the_echo() -> None:
+    p = Playout(lead_ms=400, mark_interval_ms=200)
+    p.open("u1")
+    p.push("u1", b"\x01" * 8000, 0.0)
+    names = marks_of(p.take(0.0))
+    p.on_mark(names[0], 0.2)
+    assert p.clear(0.33).cut_utterances == [("u1", 330)]
+    assert p.heard_position(0.5) == p.played == 1600, "after a clear Twilio's buffer is empty: no estimate"
+    # Without a clock reading only echoes count (the old, conservative figure).
+    q = Playout(lead_ms=400, mark_interval_ms=200)
+    q.open("u1")
+    q.push("u1", b"\x01" * 8000, 0.0)
+    q.on_mark(marks_of(q.take(0.0))[0], 0.2)
+    assert q.clear().cut_utterances == [("u1", 200)]
+
+
+def test_heard_position_stops_where_sent_audio_ran_out() -> None:
+    p = Playout(lead_ms=400, mark_interval_ms=200)
+    p.open("u1")
+    p.push("u1", b"\x01" * 2400, 0.0)  # 300 ms, then Cartesia is late
+    names = marks_of(p.take(0.0))  # marks at 200 ms and at 300 ms (buffer dry)
+    assert len(names) == 2
+    p.on_mark(names[0], 0.2)
+    assert p.heard_position(1.0) == 2400, "a second later the caller has heard all 300 ms, no more"
