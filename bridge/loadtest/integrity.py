@@ -5,7 +5,9 @@ A caller's received byte stream must then be a sequence of utterances, each
 starting on a 160-byte frame and being exactly one context's audio plus 0xFF
 (mu-law silence) padding to the frame; a ``clear`` ends an utterance, and the
 last utterance before a clear (or before the hang-up) may be a prefix.
-Anything else is a ``mismatch`` span. The fault bench's check of resumed
+Anything else is a ``mismatch`` span. When the bytes can be read more than
+one way (a context cancelled part-way holds a whole-frame prefix of another
+context's audio), the reading with the fewest mismatched bytes counts. The fault bench's check of resumed
 contexts (a chain cut at word boundaries) is ``bridge.integrity``.
 """
 
@@ -158,10 +160,10 @@ def _split_stretch(stream: bytes, start: int, end: int, index: AudioIndex, cut_s
     spans: list[Span] = []
     p = end
     while p != start:
-        span = best[p][1]
-        assert span is not None
-        spans.append(span)
-        p = span.start
+        last = best[p][1]
+        assert last is not None, "only the start has no span leading to it"
+        spans.append(last)
+        p = last.start
     spans.reverse()
     return spans
 
@@ -212,4 +214,21 @@ def explain_mismatch(stream: bytes, span: Span, index: AudioIndex) -> dict[str, 
         n, blob = best
         out.update({"closest_contexts": blob.contexts[:3], "closest_audio_bytes": len(blob.audio),
                     "same_for_bytes": min(n, len(got))})
+    elif (inside := _inside_some_context(got[:FRAME_BYTES], index)) is not None:
+        # Audio that starts mid-context: the head of that utterance was taken for something else.
+        blob, at = inside
+        out.update({"first_frame_inside": blob.contexts[:3], "first_frame_at_byte": at})
     return out
+
+
+def _inside_some_context(frame: bytes, index: AudioIndex) -> tuple[Blob, int] | None:
+    """The first context audio holding ``frame`` at a frame-aligned offset, and that offset."""
+    if len(frame) < FRAME_BYTES:
+        return None
+    for blob in index.blobs():
+        at = blob.audio.find(frame)
+        while at >= 0:
+            if at % FRAME_BYTES == 0:
+                return blob, at
+            at = blob.audio.find(frame, at + 1)
+    return None
