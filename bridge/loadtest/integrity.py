@@ -5,13 +5,16 @@ A caller's received byte stream must then be a sequence of utterances, each
 starting on a 160-byte frame and being exactly one context's audio plus 0xFF
 (mu-law silence) padding to the frame; a ``clear`` ends an utterance, and the
 last utterance before a clear (or before the hang-up) may be a prefix.
-Anything else is a ``mismatch`` span. The fault bench's check of resumed
+Anything else is a ``mismatch`` span. When the bytes can be read more than
+one way (a context cancelled part-way holds a whole-frame prefix of another
+context's audio), the reading with the fewest mismatched bytes counts. The fault bench's check of resumed
 contexts (a chain cut at word boundaries) is ``bridge.integrity``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -98,7 +101,7 @@ def _full_match(stream: bytes, p: int, end: int, blob: Blob) -> int | None:
     """Bytes taken when ``blob`` + its padding starts at ``p`` (within ``end``), else None."""
     n = len(blob.audio)
     padded = n + (-n % FRAME_BYTES)
-    if p + padded > end or stream[p:p + n] != blob.audio:
+    if p + padded > end or not stream.startswith(blob.audio, p):  # startswith: no copy of the audio
         return None
     if padded != n and stream[p + n:p + padded] != PAD * (padded - n):
         return None
@@ -113,44 +116,83 @@ def split_utterances(stream: bytes, clear_offsets: list[int], index: AudioIndex)
     audio plus 0xFF padding to the frame, except the stretch's last one,
     which may be a prefix (interrupted by the clear, or cut by the hang-up).
     Bytes matching nothing form a ``mismatch`` span up to the next frame
-    where a full match starts again.
+    where a full match starts again. Of the readings that fit, the one with
+    the fewest mismatched bytes wins (see ``_split_stretch``).
     """
     spans: list[Span] = []
     bounds = sorted({o for o in clear_offsets if 0 < o < len(stream)}) + [len(stream)]
     start = 0
     for end in bounds:
-        cut_status = "interrupted" if end != len(stream) else "cut"
-        p = start
-        while p < end:
-            cands = index.by_head.get(stream[p:p + FRAME_BYTES], [])
-            span = _match_at(stream, p, end, cands, cut_status)
-            if span is None:
-                # Resynchronise on the next frame where some context's whole audio starts.
-                q = p + FRAME_BYTES
-                while q < end and not any(
-                    _full_match(stream, q, end, b) is not None for b in index.by_head.get(stream[q:q + FRAME_BYTES], [])
-                ):
-                    q += FRAME_BYTES
-                span = Span(p, min(q, end), "mismatch")
-                p = q
-            else:
-                p = span.end
-            spans.append(span)
+        spans += _split_stretch(stream, start, end, index, "interrupted" if end != len(stream) else "cut")
         start = end
     return spans
 
 
-def _match_at(stream: bytes, p: int, end: int, cands: list[Blob], cut_status: str) -> Span | None:
-    """The utterance starting at ``p``: a whole context's audio, else a prefix reaching ``end``."""
+def _split_stretch(stream: bytes, start: int, end: int, index: AudioIndex, cut_status: str) -> list[Span]:
+    """The utterances of ``stream[start:end]``: the reading with the fewest mismatched bytes.
+
+    One greedy reading is not enough: a context's audio can be a frame-aligned prefix of
+    another context's (the emulator sends whole-frame chunks, so a context cancelled part-way,
+    e.g. because its call hung up, recorded a prefix of the audio the same text got on other
+    calls). Taken as a whole utterance wherever it fitted, it turned the rest of a longer
+    utterance into a "mismatch" starting mid-audio (issue 18's overloaded runs: in every call at
+    the same offset, where that text began). So this is a shortest-path search over utterance
+    boundaries, cost = mismatched bytes: readings are followed cheapest first and, among equal
+    cost, furthest along first, so a clean stream costs what the greedy split cost (one reading
+    per utterance) and a dead end falls back to the next fitting reading. Among readings of
+    equal cost the first found wins: whole contexts (longest first), then a prefix.
+    """
+    best: dict[int, tuple[int, Span | None]] = {start: (0, None)}
+    todo = [(0, -start)]
+    while todo:
+        cost, neg_p = heapq.heappop(todo)
+        p = -neg_p
+        if p == end:
+            break
+        if cost > best[p][0]:
+            continue  # reached more cheaply since it was queued
+        for span in _readings_at(stream, p, end, index, cut_status):
+            c = cost + (span.end - p if span.status == "mismatch" else 0)
+            known = best.get(span.end)
+            if known is None or c < known[0]:
+                best[span.end] = (c, span)
+                heapq.heappush(todo, (c, -span.end))
+    spans: list[Span] = []
+    p = end
+    while p != start:
+        last = best[p][1]
+        assert last is not None, "only the start has no span leading to it"
+        spans.append(last)
+        p = last.start
+    spans.reverse()
+    return spans
+
+
+def _readings_at(stream: bytes, p: int, end: int, index: AudioIndex, cut_status: str) -> list[Span]:
+    """Every utterance that may start at ``p``: each whole context's audio that fits (longest
+    first), a prefix of a longer one reaching ``end``; when none fits, a mismatch up to the next
+    frame where some context's whole audio starts (or ``end``)."""
+    cands = index.by_head.get(stream[p:p + FRAME_BYTES], [])
+    out: list[Span] = []
     for blob in cands:
         n = _full_match(stream, p, end, blob)
-        if n is not None:
-            return Span(p, p + n, "ok", len(blob.audio))
+        if n is not None and all(s.end != p + n for s in out):
+            out.append(Span(p, p + n, "ok", len(blob.audio)))
     rest = end - p
+    tail = memoryview(stream)[p:end]
     for blob in cands:
-        if rest < len(blob.audio) and stream[p:end] == blob.audio[:rest]:
-            return Span(p, end, cut_status, rest)
-    return None
+        if rest < len(blob.audio) and blob.audio.startswith(tail):
+            out.append(Span(p, end, cut_status, rest))
+            break
+    if out:
+        return out
+    # Resynchronise on the next frame where some context's whole audio starts.
+    q = p + FRAME_BYTES
+    while q < end and not any(
+        _full_match(stream, q, end, b) is not None for b in index.by_head.get(stream[q:q + FRAME_BYTES], [])
+    ):
+        q += FRAME_BYTES
+    return [Span(p, min(q, end), "mismatch")]
 
 
 def explain_mismatch(stream: bytes, span: Span, index: AudioIndex) -> dict[str, Any]:
@@ -172,4 +214,21 @@ def explain_mismatch(stream: bytes, span: Span, index: AudioIndex) -> dict[str, 
         n, blob = best
         out.update({"closest_contexts": blob.contexts[:3], "closest_audio_bytes": len(blob.audio),
                     "same_for_bytes": min(n, len(got))})
+    elif (inside := _inside_some_context(got[:FRAME_BYTES], index)) is not None:
+        # Audio that starts mid-context: the head of that utterance was taken for something else.
+        blob, at = inside
+        out.update({"first_frame_inside": blob.contexts[:3], "first_frame_at_byte": at})
     return out
+
+
+def _inside_some_context(frame: bytes, index: AudioIndex) -> tuple[Blob, int] | None:
+    """The first context audio holding ``frame`` at a frame-aligned offset, and that offset."""
+    if len(frame) < FRAME_BYTES:
+        return None
+    for blob in index.blobs():
+        at = blob.audio.find(frame)
+        while at >= 0:
+            if at % FRAME_BYTES == 0:
+                return blob, at
+            at = blob.audio.find(frame, at + 1)
+    return None
