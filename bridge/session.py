@@ -132,6 +132,7 @@ class CallSession:
         self._stt_task: asyncio.Task[None] | None = None  # starting (or restarting) the STT socket
         self._io_tasks: set[asyncio.Task[None]] = set()  # play fetches; cancelled at the end
         self._resumes: dict[str, asyncio.TimerHandle] = {}
+        self._cancelled_at_end: list[str] = []  # context ids cancelled by the end of the call
         self._end_task: asyncio.Task[None] | None = None
         self.outcome = "completed"
         self._tts_unavailable = False  # an utterance failed because no Cartesia socket could connect
@@ -528,7 +529,8 @@ class CallSession:
                 await stt.close()
             self._log("call_ended", outcome=self.outcome, frames_sent=self.core.frames_sent,
                       late_chunks=self.core.late_chunks, playout_gaps=self.core.gaps,
-                      playout_gap_ms=self.core.gap_ms, duration_s=round(time.monotonic() - self.connected_at, 3))
+                      playout_gap_ms=self.core.gap_ms, duration_s=round(time.monotonic() - self.connected_at, 3),
+                      contexts_cancelled_at_end=self._cancelled_at_end)
 
     def _outcome_with_cause(self) -> str:
         """A call that ended quietly (hang-up, completed) after speech failed
@@ -543,6 +545,8 @@ class CallSession:
         for action in self.core.on_end():
             if isinstance(action, CancelCartesia):
                 self.tts.cancel(action.context_id)
+                # Said in call_ended: a context cut by the hang-up holds only a prefix of its audio.
+                self._cancelled_at_end.append(action.context_id)
         self.tts.close()
         for handle in self._resumes.values():
             handle.cancel()

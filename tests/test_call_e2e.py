@@ -256,15 +256,20 @@ async def test_two_calls_share_one_prewarmed_cartesia_socket(make_bridge: Bridge
         await c.hangup()
 
 
-async def test_socket_drop_ends_the_call_cleanly_and_cancels_contexts(make_bridge: BridgeFactory) -> None:
+async def test_socket_drop_ends_the_call_cleanly_and_cancels_contexts(make_bridge: BridgeFactory,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
     bridge = await make_bridge({"GREETING": " ".join(["long"] * 200)})
     call = bridge.call()
     await call.place()
     await call.connect()
     assert await call.wait_until(lambda: call.record.media_bytes > 0, 5)
     ctx = context_ids(bridge)[0]
-    await call.close()  # TCP close without `stop`
-    assert await wait_for(lambda: not bridge.server.calls, 5)
+    with caplog.at_level(logging.INFO, logger="bridge"):
+        await call.close()  # TCP close without `stop`
+        assert await wait_for(lambda: not bridge.server.calls, 5)
+    # The log says which context the hang-up cut (its audio is only a prefix of the text's).
+    (ended,) = [r for r in caplog.records if r.getMessage() == "call_ended"]
+    assert ended.__dict__["contexts_cancelled_at_end"] == [ctx]
     assert await wait_for(lambda: bridge.server.pool.active_contexts == 0, 5)
     cancels = [obj for _c, obj in bridge.emulator.received if obj.get("cancel") and obj.get("context_id") == ctx]
     assert len(cancels) == 1
