@@ -131,7 +131,7 @@ def text_messages(draw: st.DrawFn) -> str:
     return json.dumps(ordered, ensure_ascii=writer == "json")
 
 
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=200)
 @given(text_messages())
 def test_fast_path_and_parser_agree_on_any_text_message(data: str) -> None:
     agrees(data)
@@ -163,7 +163,7 @@ def edited(draw: st.DrawFn) -> str:
     return text
 
 
-@settings(FUZZ, max_examples=500)
+@settings(FUZZ, max_examples=300)
 @given(edited())
 def test_fast_path_and_parser_agree_on_edited_messages(data: str) -> None:
     agrees(data)
@@ -232,7 +232,7 @@ def agent_turns(draw: st.DrawFn) -> list[tuple[str, str]]:
     return steps
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=150)
 @given(agent_turns())
 def test_stream_token_is_on_agent_message_without_the_action_list(steps: list[tuple[str, str]]) -> None:
     reference, fast = make_core(), make_core()

@@ -22,6 +22,9 @@ Agent → bridge (JSON objects with ``type``):
 
 Bridge → agent: ``setup``, ``prompt``, ``interrupt``, ``dtmf``, ``info``, ``error``;
 extensions ``spoken`` and ``media`` (built by the functions at the bottom).
+
+``streamed_text`` recognizes the commonest message, a streamed word in the
+layouts agents write, without the parser (what it accepts, the parser reads the same).
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ Limits:
   timer per context). An agent that streams a word per loop turn (50
   words/s) so costs one Cartesia message per ~4 words instead of one per
   word; ``text_hold_ms`` = 0 writes every input at the end of its turn.
+  ``append_text`` joins such a word without a request object per word (the
+  request is built once, when the joined input is written).
 * A closed context (``continue: false``) that hears nothing from Cartesia for
   ``context_timeout_s`` seconds is cancelled and reported as failed with
   ``retry=True, cause="no_done"`` (the owner resumes what is missing).
