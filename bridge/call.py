@@ -590,7 +590,46 @@ class CallCore:
 
     # -------------------------------------------------------------- agent in
 
+    def stream_token(self, raw: str, now: float) -> tuple[str, str] | None:
+        """The cheap path for an agent's streamed word: a ``text`` message that
+        ``agent_proto.streamed_text`` recognizes, not ``last``, for the open
+        utterance (not ended, not dropping an interrupted turn, not waiting to
+        resume). Applies it exactly as ``on_agent_message`` would and returns
+        ``(context_id, text)``: the continuation that ``on_agent_message`` would
+        have sent as ``ToCartesia(context_id, text_request(text))``, or ``text``
+        empty when the word waits for its end (no action). ``None``: nothing
+        was done; use ``on_agent_message``.
+        """
+        utt = self.current
+        if utt is None or utt.pending_resume or self.ended or self.dropping_turn:
+            return None
+        found = agent_proto.streamed_text(raw)
+        if found is None or found[1]:
+            return None
+        # speak()'s not-last branch for an open utterance, without its action list.
+        text = utt.text_held + found[0]
+        # A word with its space (the usual token) is sent whole: the last space is the cut.
+        cut = len(text) - 1 if text[-1:] == " " else max(text.rfind(" "), text.rfind("\n"), text.rfind("\t"))
+        if cut < 0:
+            utt.text_held = text
+            return utt.context_id, ""
+        send = text[: cut + 1]
+        utt.text_held = text[cut + 1 :]
+        if utt.t_text is None:
+            utt.t_text = now
+        utt.text_sent += send
+        return utt.context_id, send
+
+    def text_request(self, text: str) -> GenerationRequest:
+        """The open utterance's continuation input for ``text`` (after ``stream_token``)."""
+        assert self.current is not None
+        return self._request(self.current, text, cont=True)
+
     def on_agent_message(self, raw: str | bytes | dict[str, Any], now: float) -> list[Action]:
+        if type(raw) is str:
+            found = agent_proto.streamed_text(raw)
+            if found is not None:  # what parse_agent_message makes a Text with no other field
+                return self.speak(found[0], last=found[1], now=now)
         try:
             msg = agent_proto.parse_agent_message(raw)
         except agent_proto.AgentMessageError as exc:

@@ -337,7 +337,18 @@ class CallSession:
     def _deliver_from_agent(self, message: str | dict[str, Any]) -> None:
         if self.closed:
             return
-        self._execute(self.core.on_agent_message(message, time.monotonic()))
+        now = time.monotonic()
+        if type(message) is str:
+            # An agent's streamed word (~50 per second per call): no action list, no _execute round.
+            streamed = self.core.stream_token(message, now)
+            if streamed is not None:
+                context_id, text = streamed
+                # It joins the text held for Cartesia, else it is the ToCartesia on_agent_message
+                # makes (no Twilio message is queued by it, so there is nothing to flush).
+                if text and not self.tts.append_text(context_id, text):
+                    self.tts.send(context_id, self.core.text_request(text))
+                return
+        self._execute(self.core.on_agent_message(message, now))
 
     def _agent_closed(self, reason: str) -> None:
         if self.closed:

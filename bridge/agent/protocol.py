@@ -22,6 +22,9 @@ Agent → bridge (JSON objects with ``type``):
 
 Bridge → agent: ``setup``, ``prompt``, ``interrupt``, ``dtmf``, ``info``, ``error``;
 extensions ``spoken`` and ``media`` (built by the functions at the bottom).
+
+``streamed_text`` recognizes the commonest message, a streamed word in the
+layouts agents write, without the parser (what it accepts, the parser reads the same).
 """
 
 from __future__ import annotations
@@ -202,6 +205,49 @@ def _config(obj: dict[str, Any]) -> ConfigUpdate:
         dtmf_detection=_opt_bool(obj, "dtmfDetection"), hints=hints,
         transcription_language=stt_code, transcription_tag=stt_tag,
     )
+
+
+#: The streamed-text layouts ``streamed_text`` recognizes: (head, tail if ``last`` is false, tail if true).
+#: Compact (``orjson``, JavaScript's ``JSON.stringify``, Go's ``json.Marshal``) and Python's
+#: ``json.dumps`` defaults, keys in the order of Twilio's examples.
+TEXT_LAYOUTS: Final = (
+    ('{"type":"text","token":"', '","last":false}', '","last":true}'),
+    ('{"type": "text", "token": "', '", "last": false}', '", "last": true}'),
+)
+#: What cannot appear raw inside a JSON string (quote, backslash, control characters), or in a
+#: ``str`` orjson takes (lone surrogates): a token with any of these goes to the full parser.
+_NOT_PLAIN: Final = re.compile(r'["\\\x00-\x1f\ud800-\udfff]')
+
+
+def streamed_text(data: str) -> tuple[str, bool] | None:
+    """``(token, last)`` of a ``text`` message with only ``token`` and ``last`` in one of
+    ``TEXT_LAYOUTS``, the token without escapes; else ``None`` (use ``parse_agent_message``).
+
+    An agent streams a reply a word per message (~50 per second per call); this
+    takes such a message without building a dict, a ``Text`` and its
+    ``VoiceOverrides``. What it accepts, ``parse_agent_message`` parses to
+    ``Text(token, last, None, VoiceOverrides(), None)``; anything else (other
+    fields, another order or spacing, an escape, an oversized message) is left to
+    it (``tests/test_agent_fast_path.py``).
+    """
+    size = len(data)
+    if size > MAX_AGENT_MESSAGE_BYTES:
+        return None
+    for head, tail_false, tail_true in TEXT_LAYOUTS:
+        if not data.startswith(head):
+            continue
+        if data.endswith(tail_false):
+            last, end = False, size - len(tail_false)
+        elif data.endswith(tail_true):
+            last, end = True, size - len(tail_true)
+        else:
+            return None
+        token = data[len(head):end]
+        # end < len(head): the head's closing quote is the tail's opening one (not this layout).
+        if end < len(head) or _NOT_PLAIN.search(token) is not None:
+            return None
+        return token, last
+    return None
 
 
 def parse_agent_message(data: str | bytes | dict[str, Any]) -> AgentMessage:

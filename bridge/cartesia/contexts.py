@@ -23,6 +23,8 @@ Limits:
   timer per context). An agent that streams a word per loop turn (50
   words/s) so costs one Cartesia message per ~4 words instead of one per
   word; ``text_hold_ms`` = 0 writes every input at the end of its turn.
+  ``append_text`` joins such a word without a request object per word (the
+  request is built once, when the joined input is written).
 * A closed context (``continue: false``) that hears nothing from Cartesia for
   ``context_timeout_s`` seconds is cancelled and reported as failed with
   ``retry=True, cause="no_done"`` (the owner resumes what is missing).
@@ -34,6 +36,8 @@ import asyncio
 import re
 import time
 from collections.abc import Callable
+from dataclasses import fields
+from operator import attrgetter
 from typing import Final, Protocol
 
 from bridge.cartesia.client import (
@@ -64,6 +68,19 @@ ENDS_CLAUSE: Final = re.compile(r"[.!?;:,\u2014\u2026][\"')\]]*\s+$")
 SENTENCE_MARKS: Final = frozenset(".!?;:")
 #: Default ``text_hold_ms`` (``CARTESIA_TEXT_HOLD_MS``): streamed text waits at most this long (ms).
 DEFAULT_TEXT_HOLD_MS: Final = 80
+
+#: Every field of a request in ``__init__``'s positional order (all are init fields), and where the text sits.
+_REQUEST_FIELDS: Final = tuple(f.name for f in fields(GenerationRequest))
+assert all(f.init for f in fields(GenerationRequest)), "_with_transcript passes every field to __init__"
+_request_values: Final = attrgetter(*_REQUEST_FIELDS)
+_TRANSCRIPT_AT: Final = _REQUEST_FIELDS.index("transcript")
+
+
+def _with_transcript(request: GenerationRequest, transcript: str) -> GenerationRequest:
+    """``request`` with another transcript (``dataclasses.replace`` without its per-call field walk)."""
+    values = list(_request_values(request))
+    values[_TRANSCRIPT_AT] = transcript
+    return GenerationRequest(*values)
 
 
 class ContextOwner(Protocol):
@@ -119,7 +136,13 @@ class CallContexts:
         self._hold_s = text_hold_ms / 1000.0
         # The joined input not yet written, per context; it goes at a sentence end, at the
         # turn's end (context in _turn_end, one call_soon for all) or when its hold timer fires.
+        # Text joined by ``append_text`` is kept as the whole transcript in _held_text (the
+        # request in _held has the first part): the request is built once, when it is written.
         self._held: dict[str, GenerationRequest] = {}
+        self._held_text: dict[str, str] = {}
+        # The last input written per context: the settings ``append_text`` continues with when
+        # nothing is held (its transcript is not used). Dropped with the context.
+        self._last_written: dict[str, GenerationRequest] = {}
         self._turn_end: set[str] = set()
         self._held_write: asyncio.Handle | None = None
         self._hold_timers: dict[str, asyncio.TimerHandle] = {}
@@ -173,10 +196,40 @@ class CallContexts:
         else:
             pending.append(request)
 
+    def append_text(self, context_id: str, text: str) -> bool:
+        """``text`` as the next input of ``context_id``, with the settings of its last input
+        (the one held back, else the last written), ``continue`` and no ``flush``: what
+        ``send`` does with that request, without building it (an agent's streamed words, one
+        call each). The caller must know that request's settings are the last input's.
+        ``False``, and nothing done, when the context is not admitted, its last input closed
+        it or asked for a flush, it has had no input here yet, or the joined text would
+        exceed ``MAX_MERGED_CHARS``: then ``send`` the request instead."""
+        held = self._held.get(context_id)
+        if held is None:
+            last = self._last_written.get(context_id)
+            if last is None or not last.continue_ or last.flush or context_id not in self._leases:
+                return False
+            # A new held input: the last one's settings, this text (built when it is written).
+            self._held[context_id] = last
+            self._held_text[context_id] = text
+            self._schedule_held(context_id, text, False)
+            return True
+        if not held.continue_ or held.flush or context_id not in self._leases:
+            return False
+        joined = self._held_text.get(context_id, held.transcript) + text
+        if len(joined) > MAX_MERGED_CHARS:
+            return False
+        self._held_text[context_id] = joined
+        self._schedule_held(context_id, joined, False)
+        return True
+
     def _hold(self, context_id: str, request: GenerationRequest) -> None:
         """Join ``request`` with the context's held input; write or schedule the result."""
         held = self._held.get(context_id)
         if held is not None:
+            joined = self._held_text.pop(context_id, None)
+            if joined is not None:
+                held = self._held[context_id] = _with_transcript(held, joined)
             merged = merge_continuation(held, request)
             if merged is not None and len(merged.transcript) <= MAX_MERGED_CHARS:
                 request = merged
@@ -185,10 +238,14 @@ class CallContexts:
                 if context_id not in self._leases:
                     return  # that write failed and the utterance is being resumed from its text
         self._held[context_id] = request
+        self._schedule_held(context_id, request.transcript, not request.continue_ or request.flush)
+
+    def _schedule_held(self, context_id: str, text: str, closes: bool) -> None:
+        """Write the context's held input (``text`` joined so far) now, at the end of the loop
+        turn or when its hold timer fires; ``closes``: it ends the context or asks for a flush."""
         # Only the tail can end a sentence: no rescan of the whole joined text per token.
-        text = request.transcript
         clause = ENDS_CLAUSE.search(text, max(0, len(text) - SENTENCE_END_WINDOW))
-        if not request.continue_ or request.flush or (clause is not None and clause.group()[0] in SENTENCE_MARKS):
+        if closes or (clause is not None and clause.group()[0] in SENTENCE_MARKS):
             # Cartesia starts generating here: do not make it wait.
             self._write_one_held(context_id)
         elif context_id in self._turn_end:
@@ -217,10 +274,14 @@ class CallContexts:
         if timer is not None:
             timer.cancel()
         request = self._held.pop(context_id, None)
+        joined = self._held_text.pop(context_id, None)
         lease = self._leases.get(context_id)
         if request is None or lease is None or self._owner.closed:
             return
+        if joined is not None:
+            request = _with_transcript(request, joined)
         self._written.add(context_id)
+        self._last_written[context_id] = request
         self._metrics.cartesia_text_inputs.inc()
         try:
             lease.send(request)
@@ -230,6 +291,8 @@ class CallContexts:
     def _drop_held(self, context_id: str) -> None:
         """Forget the context's held input and its timer (the context is over)."""
         self._held.pop(context_id, None)
+        self._held_text.pop(context_id, None)
+        self._last_written.pop(context_id, None)
         self._turn_end.discard(context_id)
         self._written.discard(context_id)
         timer = self._hold_timers.pop(context_id, None)
@@ -330,6 +393,7 @@ class CallContexts:
         for context_id in list(self._held):
             self._drop_held(context_id)
         self._written.clear()
+        self._last_written.clear()
         if self._held_write is not None:
             self._held_write.cancel()
             self._held_write = None
