@@ -248,6 +248,14 @@ class EnergyVad:
         self._fired = False
 
 
+def split_at_word_end(text: str) -> tuple[str, str]:
+    """``(send, held)``: ``text`` up to its last whitespace, and the unfinished word after it."""
+    if text[-1:] == " ":  # the usual streamed token, a word with its space: sent whole
+        return text, ""
+    cut = max(text.rfind(" "), text.rfind("\n"), text.rfind("\t"))
+    return (text[: cut + 1], text[cut + 1 :]) if cut >= 0 else ("", text)
+
+
 def _times_valid(starts: list[float], ends: list[float]) -> bool:
     """Every time in [0, ``MAX_TIMESTAMP_S``] s (neither list empty). NaN fails: it makes the sum NaN,
     and a sum of values in range is finite."""
@@ -607,14 +615,9 @@ class CallCore:
         if found is None or found[1]:
             return None
         # speak()'s not-last branch for an open utterance, without its action list.
-        text = utt.text_held + found[0]
-        # A word with its space (the usual token) is sent whole: the last space is the cut.
-        cut = len(text) - 1 if text[-1:] == " " else max(text.rfind(" "), text.rfind("\n"), text.rfind("\t"))
-        if cut < 0:
-            utt.text_held = text
+        send, utt.text_held = split_at_word_end(utt.text_held + found[0])
+        if not send:
             return utt.context_id, ""
-        send = text[: cut + 1]
-        utt.text_held = text[cut + 1 :]
         if utt.t_text is None:
             utt.t_text = now
         utt.text_sent += send
@@ -756,11 +759,7 @@ class CallCore:
             self.playout.open(utt.utterance_id)
             self.current = utt
         text = utt.text_held + token
-        if last:
-            send, held = text, ""
-        else:
-            cut = max(text.rfind(" "), text.rfind("\n"), text.rfind("\t"))
-            send, held = (text[: cut + 1], text[cut + 1 :]) if cut >= 0 else ("", text)
+        send, held = (text, "") if last else split_at_word_end(text)
         utt.text_held = held
         if send:
             if utt.t_text is None:
