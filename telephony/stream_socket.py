@@ -143,7 +143,10 @@ class TwilioStream:
                 elif msg.type == WSMsgType.BINARY:
                     owner.on_bad_input("binary_frame", f"{len(msg.data)} bytes")
                 elif msg.type == WSMsgType.ERROR:
-                    owner.on_bad_input("socket_error", str(ws.exception()))
+                    # aiohttp puts a protocol error (e.g. 1009, over the size cap) in the message, not exception().
+                    error = ws.exception() or msg.data
+                    code = getattr(error, "code", None)
+                    owner.on_bad_input("socket_error", f"close {code}: {error}" if code else str(error))
                     return "socket_error"
                 if owner.closed:
                     return ""

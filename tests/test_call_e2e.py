@@ -207,6 +207,23 @@ async def test_bad_inputs_are_counted_and_the_call_continues(make_bridge: Bridge
     await call.hangup()
 
 
+async def test_a_message_over_the_socket_cap_ends_the_call_with_the_close_code_logged(
+        make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture) -> None:
+    bridge = await make_bridge({"GREETING": "one"})
+    call = bridge.call(send_inbound_audio=False)
+    await call.place()
+    await call.connect()
+    assert await call.wait_until(lambda: call.record.media_bytes > 0, 5)
+    with caplog.at_level(logging.WARNING, logger="bridge"):
+        await call.send_raw('{"event":"media","pad":"' + "x" * 1_100_000 + '"}')  # over aiohttp's 1 MiB cap
+        assert await wait_for(lambda: not bridge.server.calls, 5)
+    details = [r.__dict__.get("detail", "") for r in caplog.records if r.__dict__.get("kind") == "socket_error"]
+    assert details and "1009" in details[0], details
+    samples = await bridge.metrics()
+    assert value(samples, "bridge_bad_input_total", source="twilio", kind="socket_error") == 1
+    assert value(samples, "bridge_active_calls") == 0
+
+
 async def test_media_before_start_is_counted_and_nothing_is_sent(make_bridge: BridgeFactory,
                                                                  http: aiohttp.ClientSession) -> None:
     bridge = await make_bridge()
