@@ -321,7 +321,7 @@ class _Socket:
                 try:
                     listener.on_cartesia_message(msg, now)
                 except Exception:  # noqa: BLE001 - one call's bug must not stop the shared reader
-                    self._handler_failed(context_id)
+                    self._handler_failed(context_id or "")
                 return
         self._route(msg, now)
 
