@@ -676,11 +676,12 @@ def parse_server_text(raw: str | bytes) -> ServerMessage:
             data = obj.get("data")
             step = obj.get("step_time")
             flush_id = obj.get("flush_id")
+            # ``type(…) is`` first: the usual float step and int flush id skip the general checks.
             return Chunk(
                 ctx if type(ctx) is str else "",
                 data if type(data) is str else "",
-                float(step) if isinstance(step, (int, float)) else 0.0,
-                flush_id if isinstance(flush_id, int) else None,
+                step if type(step) is float else float(step) if isinstance(step, (int, float)) else 0.0,
+                flush_id if type(flush_id) is int or isinstance(flush_id, int) else None,
             )
         if kind == "timestamps":
             wt = obj.get("word_timestamps")
@@ -701,7 +702,7 @@ def parse_server_text(raw: str | bytes) -> ServerMessage:
                 else:
                     starts, ends = _floats(starts), _floats(ends)
                 return WordTimestamps(ctx if type(ctx) is str else "", words, starts, ends,
-                                      flush_id if isinstance(flush_id, int) else None)
+                                      flush_id if type(flush_id) is int or isinstance(flush_id, int) else None)
     return parse_server_message(obj)
 
 
