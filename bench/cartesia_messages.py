@@ -22,6 +22,14 @@ included) and nothing else::
 Instructions per message = the ``Collected`` total callgrind prints / the count
 this script prints for that kind. It also checks that the audio sent to Twilio
 is exactly the audio given (a mismatch exits 1).
+
+Measured (2026-12-03, CPython 3.11.7, defaults: 20 s, 40 ms chunks, 15 words/s):
+65 485 -> 62 729 instructions per chunk and 129 548 -> 108 220 per timestamps
+message, before -> after branch ``cartesiafast``. What is left, per chunk /
+per timestamps message: JSON decode 13 k / 21 k, routing to the call 3 k / 3 k,
+``on_cartesia`` itself 14 k (11 k of it the base64 decode) / 6 k, ``_release``
+4.5 k / 10 k, ``_pump`` (playout take, Twilio encode) 8 k / 20 k, the session's
+``_execute`` and the Twilio stream's write 10 k / 23 k.
 """
 
 from __future__ import annotations
