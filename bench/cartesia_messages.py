@@ -28,8 +28,8 @@ Measured (2026-12-03, CPython 3.11.7, defaults: 20 s, 40 ms chunks, 15 words/s):
 message, before -> after branch ``cartesiafast``. What is left, per chunk /
 per timestamps message: JSON decode 13 k / 21 k, routing to the call 3 k / 3 k,
 ``on_cartesia`` itself 14 k (11 k of it the base64 decode) / 6 k, ``_release``
-4.5 k / 10 k, ``_pump`` (playout take, Twilio encode) 8 k / 20 k, the session's
-``_execute`` and the Twilio stream's write 10 k / 23 k.
+4.5 k / 10 k, ``_pump`` (playout take, Twilio encode) 18 k / 43 k, the session's
+``_execute`` and the Twilio stream's write 10 k / 24 k.
 """
 
 from __future__ import annotations
