@@ -860,24 +860,36 @@ class CallCore:
             self._release(utt, now, out)
         elif isinstance(msg, WordTimestamps):
             words, starts, ends = msg.words, msg.start, msg.end
-            count = min(len(words), len(starts), len(ends))
-            if count < len(words) or count < len(starts) or count < len(ends):
+            count = len(words)
+            if count != len(starts) or count != len(ends):
+                count = min(count, len(starts), len(ends))
                 words, starts, ends = words[:count], starts[:count], ends[:count]
-            if count and not _times_valid(starts, ends):
-                # NaN, negative or absurd (1e305 overflows the byte arithmetic): dropped whole, counted.
-                self.metrics.bad_input.labels(source="cartesia", kind="invalid_timestamps").inc()
-                self._log("cartesia_bad_timestamps", logging.WARNING, context_id=context_id)
-                return out
-            off = utt.word_offset_s
-            if off:
-                utt.words.extend((w, a + off, b + off) for w, a, b in zip(words, starts, ends, strict=True))
+            if count == 1:
+                # The usual message (one word per chunk at speaking rate): the checks of
+                # ``_times_valid`` and the extend below, for one word (NaN fails both comparisons).
+                start, end = starts[0], ends[0]
+                if not (0.0 <= start <= MAX_TIMESTAMP_S and 0.0 <= end <= MAX_TIMESTAMP_S):
+                    self._bad_timestamps(context_id)
+                    return out
+                off = utt.word_offset_s
+                utt.words.append((words[0], start + off, end + off) if off else (words[0], start, end))
+            elif count:
+                if not _times_valid(starts, ends):
+                    self._bad_timestamps(context_id)
+                    return out
+                off = utt.word_offset_s
+                if off:
+                    utt.words.extend((w, a + off, b + off) for w, a, b in zip(words, starts, ends, strict=True))
+                else:
+                    utt.words.extend(zip(words, starts, ends, strict=True))  # the same tuples, built in C
             else:
-                utt.words.extend(zip(words, starts, ends, strict=True))  # the same tuples, built in C
-            if count:
-                utt.timestamps_seen = True
-                utt.horizon_bytes = max(utt.horizon_bytes, int(round(utt.words[-1][2] * 8000)))
-                if utt.held:
-                    self._release(utt, now, out)
+                return out
+            utt.timestamps_seen = True
+            horizon = round(utt.words[-1][2] * 8000)  # round() of a float is an int
+            if horizon > utt.horizon_bytes:
+                utt.horizon_bytes = horizon
+            if utt.held:
+                self._release(utt, now, out)
         elif isinstance(msg, Done):
             self.contexts.pop(context_id, None)
             utt.horizon_off = True
@@ -912,6 +924,12 @@ class CallCore:
         elif isinstance(msg, FlushDone):
             pass
         return out
+
+    def _bad_timestamps(self, context_id: str) -> None:
+        """NaN, negative or absurd word times (1e305 overflows the byte arithmetic): the
+        message is dropped whole, counted and logged."""
+        self.metrics.bad_input.labels(source="cartesia", kind="invalid_timestamps").inc()
+        self._log("cartesia_bad_timestamps", logging.WARNING, context_id=context_id)
 
     def _release(self, utt: Utterance, now: float, out: list[Action]) -> None:
         """Move held audio into playout up to the word-timestamp horizon.

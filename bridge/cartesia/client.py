@@ -61,6 +61,7 @@ from bridge.cartesia.protocol import (
     ErrorMessage,
     GenerationRequest,
     ServerMessage,
+    WordTimestamps,
     parse_server_text,
 )
 from bridge.logs import log_event, loggable_url
@@ -310,6 +311,18 @@ class _Socket:
             self.pool.metrics.bad_input.labels(source="cartesia", kind="malformed").inc()
             log_event(log, "cartesia_bad_message", logging.WARNING, slot=self.slot, error=str(exc))
             return
+        cls = type(msg)
+        if cls is Chunk or cls is WordTimestamps:
+            # Nearly every message: audio or word times for a live context goes straight to its
+            # owner (what ``_route`` does for them, without its checks for the other types).
+            context_id = msg.context_id
+            listener = self.contexts.get(context_id) if context_id else None
+            if listener is not None:
+                try:
+                    listener.on_cartesia_message(msg, now)
+                except Exception:  # noqa: BLE001 - one call's bug must not stop the shared reader
+                    self._handler_failed(context_id or "")
+                return
         self._route(msg, now)
 
     async def _until_closed(self, ws: MessageSocket) -> str:
@@ -342,8 +355,12 @@ class _Socket:
         try:
             listener.on_cartesia_message(msg, now)
         except Exception:  # noqa: BLE001 - one call's bug must not stop the shared reader
-            self.pool.metrics.bad_input.labels(source="cartesia", kind="handler_error").inc()
-            log.exception("cartesia_handler_failed", extra={"context_id": context_id})
+            self._handler_failed(context_id)
+
+    def _handler_failed(self, context_id: str) -> None:
+        """A listener raised (called from its ``except``): counted and logged with the traceback."""
+        self.pool.metrics.bad_input.labels(source="cartesia", kind="handler_error").inc()
+        log.exception("cartesia_handler_failed", extra={"context_id": context_id})
 
     def tombstone(self, context_id: str) -> None:
         self.contexts.pop(context_id, None)

@@ -49,10 +49,12 @@ from bridge.cartesia.client import (
     SendQueueFull,
 )
 from bridge.cartesia.protocol import (
+    Chunk,
     Done,
     ErrorMessage,
     GenerationRequest,
     ServerMessage,
+    WordTimestamps,
     merge_continuation,
 )
 from metrics import BridgeMetrics
@@ -406,9 +408,12 @@ class CallContexts:
 
     def on_cartesia_message(self, msg: ServerMessage, received_at: float) -> None:
         context_id = msg.context_id or ""
-        if context_id in self._last_heard:
-            self._last_heard[context_id] = received_at
-        if isinstance(msg, (Done, ErrorMessage)):
+        last_heard = self._last_heard
+        if context_id in last_heard:
+            last_heard[context_id] = received_at
+        cls = type(msg)
+        # Audio and word times (nearly every message) skip the end-of-context check.
+        if cls is not Chunk and cls is not WordTimestamps and isinstance(msg, (Done, ErrorMessage)):
             self._drop_held(context_id)
             lease = self._leases.pop(context_id, None)
             if lease is not None:

@@ -676,25 +676,33 @@ def parse_server_text(raw: str | bytes) -> ServerMessage:
             data = obj.get("data")
             step = obj.get("step_time")
             flush_id = obj.get("flush_id")
+            # ``type(…) is`` first: the usual float step and int flush id skip the general checks.
             return Chunk(
                 ctx if type(ctx) is str else "",
                 data if type(data) is str else "",
-                float(step) if isinstance(step, (int, float)) else 0.0,
-                flush_id if isinstance(flush_id, int) else None,
+                step if type(step) is float else float(step) if isinstance(step, (int, float)) else 0.0,
+                flush_id if type(flush_id) is int or isinstance(flush_id, int) else None,
             )
         if kind == "timestamps":
             wt = obj.get("word_timestamps")
             if type(wt) is dict:
                 ctx = obj.get("context_id")
                 words = wt.get("words")
+                starts = wt.get("start")
+                ends = wt.get("end")
                 flush_id = obj.get("flush_id")
-                return WordTimestamps(
-                    ctx if type(ctx) is str else "",
-                    _strs(words) if type(words) is list else [],
-                    _floats(wt.get("start")),
-                    _floats(wt.get("end")),
-                    flush_id if isinstance(flush_id, int) else None,
-                )
+                # The lists are this decode's own, so they are kept, not copied. The usual message
+                # (words all strings, times all floats) is checked with one type set per kind.
+                if type(words) is list and set(map(type, words)) <= _STR_ONLY:
+                    pass
+                else:
+                    words = _strs(words) if type(words) is list else []
+                if type(starts) is list and type(ends) is list and set(map(type, starts + ends)) <= _FLOAT_ONLY:
+                    pass
+                else:
+                    starts, ends = _floats(starts), _floats(ends)
+                return WordTimestamps(ctx if type(ctx) is str else "", words, starts, ends,
+                                      flush_id if type(flush_id) is int or isinstance(flush_id, int) else None)
     return parse_server_message(obj)
 
 
