@@ -67,3 +67,22 @@ def mutations(valid: dict[str, Any], keys: list[str] | None = None) -> st.Search
 def mutations_of(valid: list[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
     """Mutations of any one of ``valid`` (strategies built once, not per example)."""
     return st.one_of([mutations(v) for v in valid])
+
+
+@st.composite
+def text_edits(draw: st.DrawFn, texts: list[str], pieces: list[str]) -> str:
+    """One of ``texts`` with 1-3 edits: a character replaced by, or a piece inserted from, ``pieces``,
+    or a character deleted (for fast paths that must decline anything but their exact layout)."""
+    text = draw(st.sampled_from(texts))
+    alphabet = st.sampled_from(pieces)
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(text)))
+        op = draw(st.sampled_from(["replace", "insert", "delete"]))
+        piece = draw(alphabet)
+        if op == "insert":
+            text = text[:at] + piece + text[at:]
+        elif op == "delete":
+            text = text[:at] + text[at + 1:]
+        else:
+            text = text[:at] + piece + text[at + 1:]
+    return text

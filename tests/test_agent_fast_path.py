@@ -35,7 +35,7 @@ from bridge.cartesia.emulator import DEFAULT_VOICE_ID, Emulator, EmulatorSetting
 from bridge.cartesia.protocol import GenerationRequest, ServerMessage
 from metrics import BridgeMetrics
 from telephony.media import Start
-from tests.fuzz_strategies import FUZZ, json_text, json_values
+from tests.fuzz_strategies import FUZZ, json_text, json_values, text_edits
 
 # ------------------------------------------------------------------ the recognizer
 
@@ -145,22 +145,10 @@ def test_every_escape_free_token_is_taken(token: str, last: bool, layout: Any) -
     assert agrees(data) == expected
 
 
-@st.composite
-def edited(draw: st.DrawFn) -> str:
+def edited() -> st.SearchStrategy[str]:
     """A streamed-word message with a few characters replaced, inserted or deleted."""
-    text = draw(st.sampled_from([compact("Hello "), compact("", True), spaced("word "), compact('a"b')]))
-    alphabet = st.sampled_from(list('"\\{}:, \n\x00\ud800éat') + ["\\u0041", '","', "true", "false", '"last":'])
-    for _ in range(draw(st.integers(1, 3))):
-        at = draw(st.integers(0, len(text)))
-        op = draw(st.sampled_from(["replace", "insert", "delete"]))
-        piece = draw(alphabet)
-        if op == "insert":
-            text = text[:at] + piece + text[at:]
-        elif op == "delete":
-            text = text[:at] + text[at + 1:]
-        else:
-            text = text[:at] + piece + text[at + 1:]
-    return text
+    return text_edits([compact("Hello "), compact("", True), spaced("word "), compact('a"b')],
+                      list('"\\{}:, \n\x00\ud800éat') + ["\\u0041", '","', "true", "false", '"last":'])
 
 
 @settings(FUZZ, max_examples=300)

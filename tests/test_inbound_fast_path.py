@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from telephony import media as tm
-from tests.fuzz_strategies import FUZZ
+from tests.fuzz_strategies import FUZZ, text_edits
 
 SID = "MZ0123456789abcdef0123456789abcdef"
 FRAME = bytes(range(160))
@@ -105,22 +105,10 @@ def test_fast_path_declines_what_it_cannot_vouch_for() -> None:
     assert outcomes.count("declined") == len(CORPUS)
 
 
-@st.composite
-def edited(draw: st.DrawFn) -> str:
+def edited() -> st.SearchStrategy[str]:
     """A Twilio media or mark message with a few characters replaced, inserted or deleted."""
-    text = draw(st.sampled_from([twilio_media(), twilio_media(b""), twilio_media(FRAME[:3]), twilio_mark()]))
-    alphabet = st.sampled_from(list('"\\{}:,0123456789AZaz+/= \x00é²-.') + ["\\u0041", "MZ", '","'])
-    for _ in range(draw(st.integers(1, 3))):
-        at = draw(st.integers(0, len(text)))
-        op = draw(st.sampled_from(["replace", "insert", "delete"]))
-        piece = draw(alphabet)
-        if op == "insert":
-            text = text[:at] + piece + text[at:]
-        elif op == "delete":
-            text = text[:at] + text[at + 1:]
-        else:
-            text = text[:at] + piece + text[at + 1:]
-    return text
+    return text_edits([twilio_media(), twilio_media(b""), twilio_media(FRAME[:3]), twilio_mark()],
+                      list('"\\{}:,0123456789AZaz+/= \x00é²-.') + ["\\u0041", "MZ", '","'])
 
 
 @settings(FUZZ, max_examples=400)
