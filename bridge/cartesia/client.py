@@ -311,18 +311,6 @@ class _Socket:
             self.pool.metrics.bad_input.labels(source="cartesia", kind="malformed").inc()
             log_event(log, "cartesia_bad_message", logging.WARNING, slot=self.slot, error=str(exc))
             return
-        cls = type(msg)
-        if cls is Chunk or cls is WordTimestamps:
-            # Nearly every message: audio or word times for a live context goes straight to its
-            # owner (what ``_route`` does for them, without its checks for the other types).
-            context_id = msg.context_id
-            listener = self.contexts.get(context_id) if context_id else None
-            if listener is not None:
-                try:
-                    listener.on_cartesia_message(msg, now)
-                except Exception:  # noqa: BLE001 - one call's bug must not stop the shared reader
-                    self._handler_failed(context_id or "")
-                return
         self._route(msg, now)
 
     async def _until_closed(self, ws: MessageSocket) -> str:
@@ -347,7 +335,9 @@ class _Socket:
                 log_event(log, "cartesia_socket_error", logging.WARNING, slot=self.slot,
                           status=msg.status_code, message=msg.message)
             return
-        if isinstance(msg, (Done, ErrorMessage)):
+        cls = type(msg)
+        # Audio and word times (nearly every message) skip the end-of-context check.
+        if cls is not Chunk and cls is not WordTimestamps and isinstance(msg, (Done, ErrorMessage)):
             del self.contexts[context_id]
             self.pool._release_slot(context_id)
             if isinstance(msg, ErrorMessage):
