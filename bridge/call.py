@@ -259,7 +259,7 @@ def split_at_word_end(text: str) -> tuple[str, str]:
 def _times_valid(starts: list[float], ends: list[float]) -> bool:
     """Every time in [0, ``MAX_TIMESTAMP_S``] s (neither list empty). NaN fails: it makes the sum NaN,
     and a sum of values in range is finite."""
-    total = sum(starts) + sum(ends)
+    total = sum(starts, 0.0) + sum(ends, 0.0)  # 0.0 start: a float sum, also for mypyc
     return (min(starts) >= 0.0 and min(ends) >= 0.0 and max(starts) <= MAX_TIMESTAMP_S
             and max(ends) <= MAX_TIMESTAMP_S and total == total)
 

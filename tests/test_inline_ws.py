@@ -15,6 +15,7 @@ import pytest
 import websockets
 from aiohttp import WSMsgType, web
 
+import bridge.call
 from bridge.netutil import free_port
 from bridge.sink_queue import source_fingerprint
 from bridge.wsframe import frame_text
@@ -29,6 +30,7 @@ from telephony.inline_ws import (
     self_test,
 )
 
+from .build_mode import skip_if_compiled
 from .conftest import BridgeFactory
 from .test_call_e2e import wait_for
 
@@ -213,6 +215,7 @@ async def test_a_real_call_takes_the_inline_path_for_media_and_marks(make_bridge
     assert value(samples, "bridge_twilio_bytes_in_total") == 40 * 160
 
 
+@skip_if_compiled(bridge.call, "replaces CallCore.on_media with a failing one")
 @pytest.mark.parametrize("fast_path", ["true", "false"])
 async def test_a_bug_in_the_media_handler_ends_that_call_only(make_bridge: BridgeFactory, fast_path: str) -> None:
     bridge = await make_bridge({"GREETING": "still here", "TWILIO_FAST_PATH": fast_path})

@@ -55,7 +55,7 @@ class AgentMessageError(ValueError):
     """An agent message the bridge cannot use; sent back as ``error`` (the call goes on)."""
 
 
-def cartesia_language(code: str) -> str:
+def cartesia_language(code: object) -> str:
     """The Cartesia language for a BCP-47 tag (``es-MX`` → ``es``): ``bridge.cartesia.protocol``'s
     mapping, with the agent protocol's error (``AgentMessageError``, sent back as ``error``)."""
     try:

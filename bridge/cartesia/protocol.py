@@ -67,7 +67,7 @@ MAX_BUFFER_DELAY_RANGE_MS: Final = (0, 5000)
 _VERSION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
-def cartesia_language(code: str) -> str:
+def cartesia_language(code: object) -> str:
     """The Cartesia ``language`` for a BCP-47 tag: ``"es-MX"`` → ``"es"``, ``"pt-BR"`` → ``"pt"``.
 
     Accepts a bare Cartesia code (``"en"``), any case, ``_`` or ``-`` as the
