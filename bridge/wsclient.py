@@ -48,6 +48,8 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
+from bridge.errors import HandshakeFailed as HandshakeFailed  # re-exported
+from bridge.errors import HandshakeRefused as HandshakeRefused
 from bridge.logs import log_event
 from bridge.wsframe import (
     CLOSE_NORMAL,
@@ -74,18 +76,6 @@ WRITE_HIGH_WATER: Final = 64 * 1024
 WRITE_LOW_WATER: Final = 16 * 1024
 
 MessageCallback = Callable[[bytes], None]
-
-
-class HandshakeRefused(ConnectionError):
-    """The server answered the upgrade with an HTTP status other than 101."""
-
-    def __init__(self, status_code: int, reason: str) -> None:
-        super().__init__(f"server rejected WebSocket connection: HTTP {status_code} {reason}".rstrip())
-        self.status_code = status_code
-
-
-class HandshakeFailed(ConnectionError):
-    """The server's answer to the upgrade was not a valid WebSocket handshake."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ import orjson
 
 from bridge.agent.inline_client import InlineClientWebSocketResponse
 from bridge.agent.protocol import MAX_AGENT_MESSAGE_BYTES
+from bridge.errors import AgentUnavailable as AgentUnavailable  # re-exported
 from bridge.logs import log_event, loggable_url
 
 log = logging.getLogger("bridge.agent")
@@ -41,10 +42,6 @@ AGENT_SOCKET_MAX_MSG_BYTES: Final = MAX_AGENT_MESSAGE_BYTES * 4
 
 Deliver = Callable[[str | dict[str, Any]], None]
 Closed = Callable[[str], None]
-
-
-class AgentUnavailable(RuntimeError):
-    """The agent could not be reached."""
 
 
 class AgentLink:

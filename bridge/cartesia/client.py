@@ -64,10 +64,13 @@ from bridge.cartesia.protocol import (
     WordTimestamps,
     parse_server_text,
 )
+from bridge.errors import AdmissionError as AdmissionError  # re-exported: callers catch them from here
+from bridge.errors import CartesiaUnavailable as CartesiaUnavailable
+from bridge.errors import ContextError as ContextError
+from bridge.errors import HandshakeFailed, HandshakeRefused
+from bridge.errors import SendQueueFull as SendQueueFull
 from bridge.logs import log_event, loggable_url
 from bridge.wsclient import (
-    HandshakeFailed,
-    HandshakeRefused,
     InlineWebSocket,
     LibraryWebSocket,
     connect_inline,
@@ -123,22 +126,6 @@ class ContextListener(Protocol):
     def on_cartesia_message(self, msg: ServerMessage, received_at: float) -> None: ...
 
     def on_context_lost(self, context_id: str, reason: str) -> None: ...
-
-
-class AdmissionError(RuntimeError):
-    """No concurrency slot within the deadline, or the wait queue is full."""
-
-
-class CartesiaUnavailable(AdmissionError):
-    """No Cartesia socket could be connected within the deadline (Cartesia down, unreachable or refusing the key)."""
-
-
-class ContextError(RuntimeError):
-    """A context could not be used (socket gone, send queue full)."""
-
-
-class SendQueueFull(ContextError):
-    """The socket's outbound queue is full: Cartesia is not reading. Retry later, not at once."""
 
 
 def handshake_status(exc: BaseException) -> int | None:
