@@ -48,13 +48,13 @@ if git -C "$src" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
   # Tracked and new (not ignored) files; a tracked file deleted in the work tree is skipped.
   git -C "$src" ls-files -z --cached --others --exclude-standard |
     while IFS= read -r -d '' path; do
-      [ -f "$src/$path" ] && printf '%s\0' "$path"
+      if [ -f "$src/$path" ]; then printf '%s\0' "$path"; fi
     done |
     tar -C "$src" --null -T - -cf - | tar -C "$target" -xf -
 else
   for entry in bridge telephony metrics tests bench deploy pyproject.toml setup.py README.md run \
                .ci .dockerignore .gitignore; do
-    [ -e "$src/$entry" ] && cp -a "$src/$entry" "$target/"
+    if [ -e "$src/$entry" ]; then cp -a "$src/$entry" "$target/"; fi
   done
   find "$target" -name __pycache__ -type d -prune -exec rm -rf {} +
 fi
