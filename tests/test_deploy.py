@@ -538,6 +538,14 @@ def test_dockerfile_contract() -> None:
         "multi-stage from BASE_IMAGE"
     )
     assert any(w == "ARG" and r.startswith("EXTRAS") for w, r in instr), "speech extra as a build arg"
+    build = instr[: [i for i, (w, _) in enumerate(instr) if w == "FROM"][1]]
+    assert ("ARG", "COMPILE=1") in build, "the mypyc build as a build arg of the build stage, on by default"
+    copied = [src for w, r in build if w == "COPY" and "--from" not in r for src in r.split()[:-1]]
+    assert "setup.py" in copied, "setup.py (COMPILED_MODULES, the MEDIA_BRIDGE_COMPILE switch) is copied"
+    compile_run = " ".join(r for w, r in build if w == "RUN" and "MEDIA_BRIDGE_COMPILE=1" in r)
+    assert '"$COMPILE" = 1' in compile_run and "--no-build-isolation" in compile_run, (
+        "COMPILE=1 builds with mypyc"
+    )
     runtime = instr[max(i for i, (w, _) in enumerate(instr) if w == "FROM") :]
     users = [r for w, r in runtime if w == "USER"]
     assert users and users[-1].split(":")[0] not in ("0", "root"), "runs as non-root"
@@ -547,6 +555,9 @@ def test_dockerfile_contract() -> None:
     assert ("STOPSIGNAL", "SIGTERM") in runtime
     assert any(w == "COPY" and "--from=build" in r and "/opt/venv" in r for w, r in runtime), (
         "venv from build stage"
+    )
+    assert not any(w == "RUN" and ("gcc" in r or "mypy" in r) for w, r in runtime), (
+        "no compiler in the runtime"
     )
     health = " ".join(r for w, r in runtime if w == "HEALTHCHECK")
     assert "/healthz" in health
