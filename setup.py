@@ -38,6 +38,7 @@ COMPILED_MODULES: list[str] = [
     "bridge/cartesia/protocol.py",
     "bridge/cartesia/contexts.py",
     "bridge/agent/protocol.py",
+    "bridge/wsframe.py",
 ]
 
 #: Set to 1 to compile; anything else (or unset) builds the pure-Python distribution.
