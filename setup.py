@@ -18,28 +18,15 @@ suite on the compiled build as well (.ci/run, third step).
 from __future__ import annotations
 
 import os
+import runpy
 import sys
 
 from setuptools import setup
 
-#: The one list of modules compiled with mypyc (paths relative to this file).
-#: Why these: they are the per-message hot path (every Twilio media frame, every Cartesia chunk and
-#: timestamp, every agent token goes through them), they are sans-I/O (plain functions and classes,
-#: no sockets or monkey-patched library internals that mypyc cannot compile), and they pass
-#: ``mypy --strict``. Add a module here only if the full suite passes on the compiled build.
-COMPILED_MODULES: list[str] = [
-    "telephony/media.py",
-    "telephony/stream_socket.py",
-    "bridge/playout.py",
-    "bridge/histogram_batch.py",
-    "bridge/hearing.py",
-    "bridge/call.py",
-    "bridge/session.py",
-    "bridge/cartesia/protocol.py",
-    "bridge/cartesia/contexts.py",
-    "bridge/agent/protocol.py",
-    "bridge/wsframe.py",
-]
+#: The modules compiled with mypyc (paths relative to this file). The list itself, and why these,
+#: is ``bridge/build.py`` (read without importing the package, whose dependencies may be missing).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+COMPILED_MODULES: list[str] = runpy.run_path(os.path.join(_HERE, "bridge", "build.py"))["source_paths"]()
 
 #: Set to 1 to compile; anything else (or unset) builds the pure-Python distribution.
 COMPILE_ENV = "MEDIA_BRIDGE_COMPILE"

@@ -44,6 +44,7 @@ from bridge.agent.connector import AgentConnector
 from bridge.agent.inline_client import self_test as agent_self_test
 from bridge.agent.play_audio import PlayAudioFetcher
 from bridge.agent.relay_settings import RelaySettingsError
+from bridge.build import COMPILED_MODULES, interpreted_modules
 from bridge.call import CallSettings
 from bridge.cartesia.client import CartesiaPool
 from bridge.cartesia.contexts import CallContexts
@@ -239,7 +240,8 @@ class BridgeServer:
         self.started = True
         ready, reason = self.update_readiness()
         log_event(log, "bridge_started", logging.INFO if ready else logging.ERROR, ready=ready, reason=reason,
-                  cartesia_sockets_open=self.pool.open_sockets, cartesia_pool_size=config.cartesia_pool_size)
+                  cartesia_sockets_open=self.pool.open_sockets, cartesia_pool_size=config.cartesia_pool_size,
+                  compiled_modules=f"{len(COMPILED_MODULES) - len(interpreted_modules())}/{len(COMPILED_MODULES)}")
 
     def _play_fetcher(self) -> Callable[[str], Awaitable[bytes]] | None:
         """``play`` sources: allowlisted, fetched once, transcoded once, cached (bounded)."""

@@ -67,19 +67,7 @@ MEDIA_BRIDGE_COMPILE=1 "$python" setup.py -q build_ext --inplace > build-compile
   die "mypyc build failed (full log: $target/build-compiled.log)"
 }
 
-# Every listed module has its extension next to it, and the shared runtime library is at the top.
-"$python" - "$((SECONDS - started))" <<'EOF'
-import runpy
-import sys
-from pathlib import Path
-
-modules = runpy.run_path("setup.py", run_name="media_bridge_setup")["COMPILED_MODULES"]
-missing = [m for m in modules if not list(Path(m).parent.glob(Path(m).stem + ".*.so"))]
-shared = list(Path(".").glob("*__mypyc.*.so"))
-if missing or not shared:
-    sys.exit(f"compile-in-place: no extension for {missing or 'the shared *__mypyc library'}")
-# build/ holds setuptools' intermediate copies; count what Python will import.
-total = len([p for p in Path(".").rglob("*.so") if p.parts[0] != "build"])
-print(f"mypyc: compiled {len(modules)} modules in {sys.argv[1]} s into {Path.cwd()} ({total} .so files "
-      f"with the shared {shared[0].name}): {', '.join(modules)}")
-EOF
+# Every listed module is imported from its extension here (bridge/build.py names any that is not).
+echo "mypyc: built in $((SECONDS - started)) s into $target"
+PYTHONPATH="$target" "$python" -m bridge.build --require-compiled ||
+  die "a listed module has no extension (full log: $target/build-compiled.log)"

@@ -136,3 +136,33 @@ def test_setup_py_version_without_mypyc() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == PYPROJECT["project"]["version"], proc.stdout
+
+
+def test_setup_py_compiles_exactly_bridge_builds_list() -> None:
+    from bridge import build
+
+    assert setup_namespace()["COMPILED_MODULES"] == build.source_paths()
+    assert [p.removesuffix(".py").replace("/", ".") for p in build.source_paths()] == list(build.COMPILED_MODULES)
+
+
+def test_require_compiled_names_the_modules_run_from_source() -> None:
+    """The check CI and the image build use: it must fail on a plain build, naming the modules."""
+    from bridge import build
+
+    if not build.interpreted_modules():
+        pytest.skip("this run is on the compiled build (CI's third step); the plain run checks the failure")
+    proc = subprocess.run([sys.executable, "-m", "bridge.build", "--require-compiled"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "compiled: 0 of" in proc.stdout and "bridge.call" in proc.stdout
+    plain = subprocess.run([sys.executable, "-m", "bridge.build"], cwd=REPO,
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert plain.returncode == 0, "without --require-compiled it only reports"
+
+
+def test_require_compiled_passes_on_the_compiled_build() -> None:
+    from bridge import build
+
+    if build.interpreted_modules():
+        pytest.skip("plain build: CI's third step runs this on the compiled one")
+    assert build.main(["--require-compiled"]) == 0

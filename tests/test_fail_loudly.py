@@ -17,12 +17,15 @@ from typing import Any
 import pytest
 from websockets.exceptions import InvalidStatus
 
+import bridge.call as bridge_call
+from bridge.build import COMPILED_MODULES
 from bridge.cartesia.client import connect_failure_kind
 from bridge.cartesia.emulator import Emulator, EmulatorSettings
 from bridge.config import ENV_VARS, Config
 from bridge.netutil import free_port
 from metrics.scrape import value
 
+from .build_mode import is_compiled
 from .conftest import Bridge, BridgeFactory
 
 #: The key conftest's bridges send (its value, or any prefix of it, must never be logged).
@@ -127,6 +130,10 @@ async def test_unreachable_host_is_loud_and_recovers(make_bridge: BridgeFactory,
     assert failures[0].levelno == logging.WARNING
     started = [r for r in caplog.records if r.getMessage() == "bridge_started"]
     assert started and started[0].levelno == logging.ERROR and started[0].__dict__["reason"] == "cartesia_unavailable"
+    # Which build runs: "N/11" modules compiled, N = 11 on CI's compiled suite, 0 on the plain one.
+    compiled, total = started[0].__dict__["compiled_modules"].split("/")
+    assert int(total) == len(COMPILED_MODULES)
+    assert int(compiled) == (len(COMPILED_MODULES) if is_compiled(bridge_call) else 0)
 
     emu = Emulator(EmulatorSettings(ttfb_ms=5, rtf=0.05))
     await emu.start("127.0.0.1", port)  # Cartesia comes up
